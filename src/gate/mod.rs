@@ -1,0 +1,3 @@
+//! The gate: promote or reject a candidate from measured metrics, clause by clause.
+
+pub mod clause;

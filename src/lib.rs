@@ -1,0 +1,15 @@
+//! tangle: distill a frontier LLM into a small student model, gate it on measured evals,
+//! and serve it behind a failover proxy. See ARCHITECTURE.md for the map of this crate.
+
+pub mod cli;
+pub mod dataset;
+pub mod diagnostic;
+pub mod eval;
+pub mod exit;
+pub mod fsutil;
+pub mod gate;
+pub mod graph;
+pub mod runner;
+pub mod spec;
+pub mod stages;
+pub mod timefmt;

@@ -1,0 +1,165 @@
+//! Stage executors: what each kind of stage does when the runner decides it must run.
+//!
+//! An executor reads its inputs' output directories, writes its own outputs into
+//! `ctx.out_dir`, and returns a summary. It does not know about caching, run records or
+//! concurrency: the runner owns those. Executors run on a blocking thread; async work
+//! inside one goes through `ctx.runtime`.
+
+pub mod dataset;
+pub mod step;
+
+use crate::graph::{Stage, StageKind};
+use crate::runner::progress::StageProgress;
+use crate::spec::LoadedSpec;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+pub trait StageExecutor: Send + Sync {
+    /// Bump whenever the executor would produce different outputs for the same inputs, so
+    /// old cache entries stop matching.
+    fn logic_version(&self) -> u32;
+
+    /// Key material from outside the spec, such as the contents of a file the stage reads.
+    fn fingerprint(&self, _stage: &Stage, _ctx: &FingerprintContext) -> Result<Value, StageError> {
+        Ok(Value::Null)
+    }
+
+    fn execute(&self, stage: &Stage, ctx: &StageContext) -> Result<StageOutcome, StageError>;
+}
+
+pub struct FingerprintContext<'a> {
+    pub spec_dir: &'a Path,
+}
+
+/// An input's output directory.
+#[derive(Debug, Clone)]
+pub struct InputArtifact {
+    pub port: &'static str,
+    pub stage: String,
+    pub key: String,
+    pub dir: PathBuf,
+}
+
+pub struct StageContext {
+    /// Write outputs here; the runner commits them to the cache on success.
+    pub out_dir: PathBuf,
+    pub inputs: Vec<InputArtifact>,
+    /// Survives crashes and re-runs of the same stage key: journals, checkpoints.
+    pub work_dir: PathBuf,
+    /// The state directory (`.tangle`), for stores shared across keys.
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub run_id: String,
+    /// Relative paths in stage configs resolve against this.
+    pub spec_dir: PathBuf,
+    /// The validated spec, for what stays out of configs (secrets).
+    pub spec: Option<Arc<LoadedSpec>>,
+    pub cancel: CancelFlag,
+    pub progress: StageProgress,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl StageContext {
+    pub fn input(&self, port: &str) -> Option<&InputArtifact> {
+        self.inputs.iter().find(|i| i.port == port)
+    }
+
+    pub fn require_input(&self, port: &str) -> Result<&InputArtifact, StageError> {
+        self.input(port)
+            .ok_or_else(|| StageError::Failed(format!("internal: input `{port}` is not connected")))
+    }
+}
+
+/// What a finished stage reports. Stored with its cache entry and replayed on a hit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StageOutcome {
+    /// Counts and figures shown to the user and written to run.json.
+    pub summary: Value,
+    /// Set when downstream stages must not run although this one succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt: Option<Halt>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Halt {
+    /// The gate rejected the candidate (exit code 3).
+    Rejected { reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("{0}")]
+    Failed(String),
+    /// Ctrl-C: the stage stopped early and kept what it had (journals, checkpoints).
+    #[error("interrupted")]
+    Cancelled,
+    /// A budget or circuit breaker stopped the stage; it resumes once an operator acts
+    /// (exit code 4).
+    #[error("{0}")]
+    Stopped(String),
+}
+
+impl StageError {
+    pub fn io(context: impl std::fmt::Display, error: std::io::Error) -> StageError {
+        StageError::Failed(format!("{context}: {error}"))
+    }
+}
+
+/// Cooperative cancellation shared by the runner and the stages.
+#[derive(Debug, Clone, Default)]
+pub struct CancelFlag {
+    flag: Arc<AtomicBool>,
+    notify: Arc<Notify>,
+}
+
+impl CancelFlag {
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Which executor runs each stage kind.
+#[derive(Clone, Default)]
+pub struct Executors {
+    by_kind: HashMap<StageKind, Arc<dyn StageExecutor>>,
+}
+
+impl Executors {
+    /// The executors this build has.
+    pub fn builtin() -> Executors {
+        let mut e = Executors::default();
+        e.insert(StageKind::Dataset, Arc::new(dataset::LoadExamples));
+        e.insert(StageKind::Split, Arc::new(dataset::SplitExamples));
+        e.insert(StageKind::Step, Arc::new(step::ShellStep));
+        e
+    }
+
+    pub fn insert(&mut self, kind: StageKind, executor: Arc<dyn StageExecutor>) {
+        self.by_kind.insert(kind, executor);
+    }
+
+    pub fn get(&self, kind: StageKind) -> Option<Arc<dyn StageExecutor>> {
+        self.by_kind.get(&kind).cloned()
+    }
+}
