@@ -67,11 +67,7 @@ pub fn parse_jsonl(text: &str) -> Result<Parsed, Vec<RowError>> {
         match serde_json::from_str::<Value>(line) {
             Ok(value) => match example_from_json(&value) {
                 Ok(example) => rows.push((line_no, example)),
-                Err((message, hint)) => errors.push(RowError {
-                    line: line_no,
-                    message,
-                    hint,
-                }),
+                Err((message, hint)) => errors.push(RowError { line: line_no, message, hint }),
             },
             Err(e) => errors.push(RowError {
                 line: line_no,
@@ -124,15 +120,9 @@ fn example_from_json(value: &Value) -> Result<Example, (String, String)> {
             let prompt = text_field("prompt")?.unwrap_or_default();
             let mut messages = Vec::new();
             if let Some(system) = text_field("system")? {
-                messages.push(Message {
-                    role: "system".into(),
-                    content: system,
-                });
+                messages.push(Message { role: "system".into(), content: system });
             }
-            messages.push(Message {
-                role: "user".into(),
-                content: prompt,
-            });
+            messages.push(Message { role: "user".into(), content: prompt });
             messages
         }
         (None, None) => {
@@ -146,12 +136,7 @@ fn example_from_json(value: &Value) -> Result<Example, (String, String)> {
         reference = messages.pop().map(|m| m.content);
     }
     match messages.last() {
-        None => {
-            return Err((
-                "the row has no prompt messages".into(),
-                "add at least one user message".into(),
-            ))
-        }
+        None => return Err(("the row has no prompt messages".into(), "add at least one user message".into())),
         Some(m) if m.role != "user" => {
             return Err((
                 format!("the prompt ends with a `{}` message, not a `user` one", m.role),
@@ -163,11 +148,7 @@ fn example_from_json(value: &Value) -> Result<Example, (String, String)> {
         }
         _ => {}
     }
-    let mut example = Example {
-        id: String::new(),
-        messages,
-        reference,
-    };
+    let mut example = Example { id: String::new(), messages, reference };
     example.id = id.unwrap_or_else(|| example.content_hash()[..16].to_string());
     Ok(example)
 }
@@ -205,10 +186,7 @@ fn message_from_json(value: &Value) -> Result<Message, (String, String)> {
             ))
         }
     };
-    Ok(Message {
-        role: role.to_string(),
-        content,
-    })
+    Ok(Message { role: role.to_string(), content })
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -264,10 +242,7 @@ pub fn parse_csv(text: &str, prompt_column: &str, reference_column: &str) -> Res
                 let reference = reference_at.and_then(|i| r.get(i)).filter(|s| !s.is_empty()).map(str::to_string);
                 let mut example = Example {
                     id: String::new(),
-                    messages: vec![Message {
-                        role: "user".into(),
-                        content: prompt,
-                    }],
+                    messages: vec![Message { role: "user".into(), content: prompt }],
                     reference,
                 };
                 example.id = example.content_hash()[..16].to_string();
@@ -290,10 +265,7 @@ pub fn parse_csv(text: &str, prompt_column: &str, reference_column: &str) -> Res
 }
 
 fn finish(rows: Vec<(usize, Example)>, mut errors: Vec<RowError>) -> Result<Parsed, Vec<RowError>> {
-    let mut parsed = Parsed {
-        rows: rows.len(),
-        ..Parsed::default()
-    };
+    let mut parsed = Parsed { rows: rows.len(), ..Parsed::default() };
     let mut by_hash: HashMap<String, usize> = HashMap::new();
     let mut by_id: HashMap<String, (usize, String)> = HashMap::new();
     for (line, example) in rows {
@@ -369,7 +341,9 @@ mod tests {
 
     #[test]
     fn duplicates_are_dropped_and_counted() {
-        let parsed = parse_jsonl("{\"prompt\": \"a\"}\n{\"prompt\": \"b\"}\n{\"prompt\": \"a\", \"reference\": \"x\"}\n").expect("valid");
+        let parsed =
+            parse_jsonl("{\"prompt\": \"a\"}\n{\"prompt\": \"b\"}\n{\"prompt\": \"a\", \"reference\": \"x\"}\n")
+                .expect("valid");
         assert_eq!((parsed.examples.len(), parsed.duplicates), (2, 1));
     }
 

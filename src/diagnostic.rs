@@ -19,18 +19,10 @@ pub struct Span {
 }
 
 impl Span {
-    pub const START: Span = Span {
-        line: 1,
-        col: 1,
-        len: 1,
-    };
+    pub const START: Span = Span { line: 1, col: 1, len: 1 };
 
     pub fn new(line: u32, col: u32, len: u32) -> Span {
-        Span {
-            line: line.max(1),
-            col: col.max(1),
-            len: len.max(1),
-        }
+        Span { line: line.max(1), col: col.max(1), len: len.max(1) }
     }
 
     /// A sub-span `offset` characters to the right on the same line.
@@ -61,20 +53,11 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn error(code: &'static str, span: Span, message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            severity: Severity::Error,
-            code,
-            message: message.into(),
-            span,
-            hint: None,
-        }
+        Diagnostic { severity: Severity::Error, code, message: message.into(), span, hint: None }
     }
 
     pub fn warning(code: &'static str, span: Span, message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            severity: Severity::Warning,
-            ..Diagnostic::error(code, span, message)
-        }
+        Diagnostic { severity: Severity::Warning, ..Diagnostic::error(code, span, message) }
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Diagnostic {
@@ -101,11 +84,7 @@ impl Report {
         // order in which the checks found them.
         diagnostics.sort_by_key(|d| (d.span.line, d.span.col));
         diagnostics.dedup();
-        Report {
-            file: file.to_path_buf(),
-            source: source.to_string(),
-            diagnostics,
-        }
+        Report { file: file.to_path_buf(), source: source.to_string(), diagnostics }
     }
 
     pub fn has_errors(&self) -> bool {
@@ -130,11 +109,8 @@ impl Report {
             if let Some(text) = self.source.lines().nth(line as usize - 1) {
                 let gutter = " ".repeat(line.to_string().len());
                 let text = text.trim_end();
-                let pad: String = text
-                    .chars()
-                    .take(col as usize - 1)
-                    .map(|c| if c == '\t' { '\t' } else { ' ' })
-                    .collect();
+                let pad: String =
+                    text.chars().take(col as usize - 1).map(|c| if c == '\t' { '\t' } else { ' ' }).collect();
                 let _ = writeln!(out, "{gutter} |");
                 let _ = writeln!(out, "{line} | {text}");
                 let _ = writeln!(out, "{gutter} | {pad}{}", "^".repeat(len as usize));
@@ -151,11 +127,7 @@ impl Report {
                 out,
                 "{file}: {errors} error{}{}",
                 plural(errors),
-                if warnings > 0 {
-                    format!(", {warnings} warning{}", plural(warnings))
-                } else {
-                    String::new()
-                }
+                if warnings > 0 { format!(", {warnings} warning{}", plural(warnings)) } else { String::new() }
             );
         }
         out

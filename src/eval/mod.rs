@@ -13,15 +13,27 @@ pub struct MetricInfo {
 }
 
 pub const METRICS: &[MetricInfo] = &[
-    MetricInfo { name: "exact_match", yields: &["exact_match"], summary: "output equals the reference after normalisation" },
+    MetricInfo {
+        name: "exact_match",
+        yields: &["exact_match"],
+        summary: "output equals the reference after normalisation",
+    },
     MetricInfo { name: "contains", yields: &["contains"], summary: "output contains the reference" },
     MetricInfo { name: "regex", yields: &["regex"], summary: "output matches `eval.regex`" },
     MetricInfo { name: "json_valid", yields: &["json_valid"], summary: "output parses as JSON" },
-    MetricInfo { name: "json_schema", yields: &["json_schema"], summary: "output validates against `eval.json_schema`" },
+    MetricInfo {
+        name: "json_schema",
+        yields: &["json_schema"],
+        summary: "output validates against `eval.json_schema`",
+    },
     MetricInfo { name: "token_f1", yields: &["token_f1"], summary: "token-level F1 (SQuAD definition)" },
     MetricInfo { name: "rouge_l", yields: &["rouge_l"], summary: "ROUGE-L F-measure" },
     MetricInfo { name: "chrf", yields: &["chrf"], summary: "character n-gram F-score (chrF)" },
-    MetricInfo { name: "teacher_agreement", yields: &["teacher_agreement"], summary: "student output equals the teacher's" },
+    MetricInfo {
+        name: "teacher_agreement",
+        yields: &["teacher_agreement"],
+        summary: "student output equals the teacher's",
+    },
     MetricInfo {
         name: "latency",
         yields: &["latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms"],

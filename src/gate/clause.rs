@@ -217,11 +217,7 @@ fn lex(text: &str) -> Result<Vec<Token>, ClauseError> {
                     message: format!("`{literal}` is not a number"),
                     hint: "write numbers like `0.95`, `200` or `2e-4`".into(),
                 })?;
-                tokens.push(Token {
-                    kind: Kind::Number(value),
-                    offset: start,
-                    len: i - start,
-                });
+                tokens.push(Token { kind: Kind::Number(value), offset: start, len: i - start });
             }
             c if c.is_alphabetic() || c == '_' => {
                 while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
@@ -280,11 +276,7 @@ fn lex(text: &str) -> Result<Vec<Token>, ClauseError> {
                     }
                 };
                 let len = if two { 2 } else { 1 };
-                tokens.push(Token {
-                    kind: Kind::Cmp(op),
-                    offset: start,
-                    len,
-                });
+                tokens.push(Token { kind: Kind::Cmp(op), offset: start, len });
                 i += len;
             }
             other => {
@@ -344,11 +336,7 @@ impl ClauseParser {
 
     fn sum(&mut self, depth: usize) -> Result<Expr, ClauseError> {
         let mut lhs = self.product(depth)?;
-        while let Some(Token {
-            kind: Kind::Op(op @ (Operator::Add | Operator::Sub)),
-            ..
-        }) = self.peek().cloned()
-        {
+        while let Some(Token { kind: Kind::Op(op @ (Operator::Add | Operator::Sub)), .. }) = self.peek().cloned() {
             self.pos += 1;
             let rhs = self.product(depth)?;
             lhs = Expr::Binary(Box::new(lhs), op, Box::new(rhs));
@@ -358,11 +346,7 @@ impl ClauseParser {
 
     fn product(&mut self, depth: usize) -> Result<Expr, ClauseError> {
         let mut lhs = self.factor(depth)?;
-        while let Some(Token {
-            kind: Kind::Op(op @ (Operator::Mul | Operator::Div)),
-            ..
-        }) = self.peek().cloned()
-        {
+        while let Some(Token { kind: Kind::Op(op @ (Operator::Mul | Operator::Div)), .. }) = self.peek().cloned() {
             self.pos += 1;
             let rhs = self.factor(depth)?;
             lhs = Expr::Binary(Box::new(lhs), op, Box::new(rhs));
@@ -397,11 +381,7 @@ impl ClauseParser {
                 if let Some(Token { kind: Kind::Dot, .. }) = self.peek() {
                     self.pos += 1;
                     match self.next() {
-                        Some(Token {
-                            kind: Kind::Ident(metric),
-                            offset,
-                            len,
-                        }) => {
+                        Some(Token { kind: Kind::Ident(metric), offset, len }) => {
                             let subject = match first.as_str() {
                                 "student" => Subject::Student,
                                 "teacher" => Subject::Teacher,

@@ -108,6 +108,12 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// A plan from a hand-built graph (tests, tools); `Err` names a stage on a cycle.
+    pub fn new(name: &str, graph: DiGraph<Stage, Edge>) -> Result<Plan, String> {
+        let order = toposort(&graph, None).map_err(|c| graph[c.node_id()].name.clone())?;
+        Ok(Plan { name: name.to_string(), graph, order })
+    }
+
     pub fn stage(&self, name: &str) -> Option<NodeIndex> {
         self.graph.node_indices().find(|&i| self.graph[i].name == name)
     }
@@ -181,14 +187,7 @@ pub fn compile(loaded: &LoadedSpec) -> Result<Plan, Vec<Diagnostic>> {
         for (j, need) in step.needs.iter().enumerate() {
             match b.by_name.get(need) {
                 Some(&source) => {
-                    b.graph.add_edge(
-                        source,
-                        node,
-                        Edge {
-                            port: "needs",
-                            artifact: b.graph[source].output,
-                        },
-                    );
+                    b.graph.add_edge(source, node, Edge { port: "needs", artifact: b.graph[source].output });
                 }
                 None => {
                     let names: Vec<&str> = b.by_name.keys().map(String::as_str).collect();
@@ -211,10 +210,7 @@ pub fn compile(loaded: &LoadedSpec) -> Result<Plan, Vec<Diagnostic>> {
 
     // Cycles can only run through steps' `needs`; report each strongly connected group once.
     for component in tarjan_scc(&b.graph) {
-        let cyclic = component.len() > 1
-            || component
-                .first()
-                .is_some_and(|&n| b.graph.find_edge(n, n).is_some());
+        let cyclic = component.len() > 1 || component.first().is_some_and(|&n| b.graph.find_edge(n, n).is_some());
         if !cyclic {
             continue;
         }
@@ -231,7 +227,10 @@ pub fn compile(loaded: &LoadedSpec) -> Result<Plan, Vec<Diagnostic>> {
             Diagnostic::error(
                 "cycle",
                 span,
-                format!("stages {} need each other in a cycle", names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")),
+                format!(
+                    "stages {} need each other in a cycle",
+                    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                ),
             )
             .with_hint("a stage cannot wait for itself; remove one of the `needs` entries that closes the loop"),
         );
@@ -247,11 +246,7 @@ pub fn compile(loaded: &LoadedSpec) -> Result<Plan, Vec<Diagnostic>> {
             format!("stage `{}` is part of a cycle", b.graph[cycle.node_id()].name),
         )]
     })?;
-    Ok(Plan {
-        name: spec.name.clone(),
-        graph: b.graph,
-        order,
-    })
+    Ok(Plan { name: spec.name.clone(), graph: b.graph, order })
 }
 
 #[derive(Default)]
@@ -262,13 +257,8 @@ struct Builder {
 
 impl Builder {
     fn add(&mut self, name: &str, kind: StageKind, output: Artifact, config: Value, origin: &str) -> NodeIndex {
-        let node = self.graph.add_node(Stage {
-            name: name.to_string(),
-            kind,
-            output,
-            config,
-            origin: origin.to_string(),
-        });
+        let node =
+            self.graph.add_node(Stage { name: name.to_string(), kind, output, config, origin: origin.to_string() });
         self.by_name.insert(name.to_string(), node);
         node
     }

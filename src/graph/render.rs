@@ -3,12 +3,11 @@
 use super::Plan;
 use petgraph::graph::NodeIndex;
 use petgraph::Direction;
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
-    /// An indented tree; a stage with several inputs is drawn once, then marked `(*)`.
+    /// An indented tree; a stage with several inputs hangs under the last one to finish.
     Text,
     /// Graphviz DOT (`tangle graph p.yaml --format dot | dot -Tsvg > p.svg`).
     Dot,
@@ -24,68 +23,59 @@ pub fn render(plan: &Plan, format: Format) -> String {
     }
 }
 
-fn children(plan: &Plan, node: NodeIndex) -> Vec<NodeIndex> {
-    let mut out: Vec<NodeIndex> = plan.graph.neighbors_directed(node, Direction::Outgoing).collect();
-    out.sort_by_key(|n| plan.order.iter().position(|o| o == n));
-    out.dedup();
-    out
-}
-
+/// The text tree is a spanning tree of the DAG: each stage hangs under the input that is
+/// ready last (latest in topological order), and lists its other inputs after `←`. Every
+/// stage appears exactly once.
 fn text(plan: &Plan) -> String {
+    let position = |n: NodeIndex| plan.order.iter().position(|&o| o == n).unwrap_or(0);
+    let mut children: Vec<Vec<NodeIndex>> = vec![Vec::new(); plan.graph.node_count()];
+    let mut roots = Vec::new();
+    for &node in &plan.order {
+        let parent = plan.graph.neighbors_directed(node, Direction::Incoming).max_by_key(|&p| position(p));
+        match parent {
+            Some(p) => children[p.index()].push(node),
+            None => roots.push(node),
+        }
+    }
     let mut out = format!("{} ({} stages)\n", plan.name, plan.graph.node_count());
-    let roots: Vec<NodeIndex> = plan
-        .order
-        .iter()
-        .copied()
-        .filter(|&n| plan.graph.neighbors_directed(n, Direction::Incoming).next().is_none())
-        .collect();
-    let mut shown = BTreeSet::new();
-    let mut repeated = false;
-    // Explicit stack of (node, prefix, is_last) so wide or deep graphs cannot overflow.
+    // Explicit stack of (node, prefix, is_last, is_root): no recursion on deep graphs.
     let mut stack: Vec<(NodeIndex, String, bool, bool)> =
-        roots.iter().rev().enumerate().map(|(i, &n)| (n, String::new(), i == 0, true)).collect();
+        roots.iter().rev().map(|&n| (n, String::new(), true, true)).collect();
     while let Some((node, prefix, last, is_root)) = stack.pop() {
         let stage = &plan.graph[node];
-        let branch = if is_root {
-            ""
-        } else if last {
-            "└── "
-        } else {
-            "├── "
+        let branch = match (is_root, last) {
+            (true, _) => "",
+            (false, true) => "└── ",
+            (false, false) => "├── ",
         };
         let inputs = plan.inputs(node);
         let extra = if inputs.len() > 1 {
-            let names: Vec<String> = inputs.iter().map(|(_, n)| plan.graph[*n].name.clone()).collect();
+            let mut names: Vec<&str> = inputs.iter().map(|(_, n)| plan.graph[*n].name.as_str()).collect();
+            names.dedup();
             format!("  ← {}", names.join(", "))
         } else {
             String::new()
         };
-        if !shown.insert(node) {
-            repeated = true;
-            let _ = writeln!(out, "{prefix}{branch}{} (*)", stage.name);
-            continue;
-        }
         let _ = writeln!(out, "{prefix}{branch}{} [{}]{extra}", stage.name, stage.kind.as_str());
-        let child_prefix = if is_root {
-            prefix.clone()
-        } else if last {
-            format!("{prefix}    ")
-        } else {
-            format!("{prefix}│   ")
+        let child_prefix = match (is_root, last) {
+            (true, _) => prefix.clone(),
+            (false, true) => format!("{prefix}    "),
+            (false, false) => format!("{prefix}│   "),
         };
-        let kids = children(plan, node);
+        let kids = &children[node.index()];
         for (i, &kid) in kids.iter().enumerate().rev() {
             stack.push((kid, child_prefix.clone(), i + 1 == kids.len(), false));
         }
     }
-    if repeated {
-        out.push_str("(*) drawn above under its first input\n");
-    }
     out
 }
 
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
 fn quote(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    format!("\"{}\"", escape(s))
 }
 
 fn dot(plan: &Plan) -> String {
@@ -94,7 +84,8 @@ fn dot(plan: &Plan) -> String {
     out.push_str("  rankdir=LR;\n  node [shape=box, style=\"rounded\", fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n");
     for &n in &plan.order {
         let s = &plan.graph[n];
-        let _ = writeln!(out, "  {} [label={}];", quote(&s.name), quote(&format!("{}\\n({})", s.name, s.kind.as_str())));
+        // `\n` in a DOT label is a line break, so it goes in after escaping.
+        let _ = writeln!(out, "  {} [label=\"{}\\n({})\"];", quote(&s.name), escape(&s.name), s.kind.as_str());
     }
     for &n in &plan.order {
         for (port, source) in plan.inputs(n) {

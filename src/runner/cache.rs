@@ -51,7 +51,9 @@ pub enum Lookup {
     Hit(Entry),
     Miss,
     /// The entry existed but failed verification; it has been removed.
-    Corrupted { reason: String },
+    Corrupted {
+        reason: String,
+    },
 }
 
 /// A directory to write outputs into before they are committed under a key.
@@ -68,9 +70,7 @@ impl Staging {
 
 impl Cache {
     pub fn new(state_dir: &Path) -> Cache {
-        Cache {
-            root: state_dir.to_path_buf(),
-        }
+        Cache { root: state_dir.to_path_buf() }
     }
 
     fn entry_dir(&self, kind: &str, key: &str) -> PathBuf {
@@ -108,10 +108,11 @@ impl Cache {
     /// can be told apart from a concurrent run's (see [`Cache::sweep_stale`]).
     pub fn stage(&self, kind: &str, key: &str) -> io::Result<Staging> {
         let nonce: u32 = rand_nonce();
-        let dir = self
-            .root
-            .join("tmp")
-            .join(format!("{}-{kind}-{}-{nonce:08x}", std::process::id(), &key[..16.min(key.len())]));
+        let dir = self.root.join("tmp").join(format!(
+            "{}-{kind}-{}-{nonce:08x}",
+            std::process::id(),
+            &key[..16.min(key.len())]
+        ));
         fs::create_dir_all(dir.join("files"))?;
         Ok(Staging { dir })
     }
@@ -181,10 +182,7 @@ fn verify(dir: &Path, kind: &str, key: &str) -> Result<EntryManifest, String> {
     }
     let files_dir = dir.join("files");
     let present = fsutil::list_files(&files_dir).map_err(|e| format!("files unreadable: {e}"))?;
-    let present: Vec<String> = present
-        .iter()
-        .map(|p| p.to_string_lossy().replace('\\', "/"))
-        .collect();
+    let present: Vec<String> = present.iter().map(|p| p.to_string_lossy().replace('\\', "/")).collect();
     for rel in &present {
         if !manifest.files.contains_key(rel) {
             return Err(format!("unexpected file `{rel}`"));

@@ -56,7 +56,9 @@ pub struct RunSummary {
 pub enum RunnerError {
     #[error("cannot write the run record in {path}: {source}")]
     Record { path: PathBuf, source: std::io::Error },
-    #[error("this build of tangle cannot run `{stage}` ({kind} stages) yet; remove that section or use a build that has it")]
+    #[error(
+        "this build of tangle cannot run `{stage}` ({kind} stages) yet; remove that section or use a build that has it"
+    )]
     NoExecutor { stage: String, kind: &'static str },
 }
 
@@ -96,10 +98,7 @@ pub async fn run(
     for &node in &plan.order {
         let stage = &plan.graph[node];
         if executors.get(stage.kind).is_none() {
-            return Err(RunnerError::NoExecutor {
-                stage: stage.name.clone(),
-                kind: stage.kind.as_str(),
-            });
+            return Err(RunnerError::NoExecutor { stage: stage.name.clone(), kind: stage.kind.as_str() });
         }
     }
     // Absolute, because steps run in the spec's directory and receive these paths.
@@ -108,10 +107,7 @@ pub async fn run(
     let runs_dir = absolute(&options.runs_dir);
     let run_id = crate::timefmt::new_run_id();
     let run_dir = runs_dir.join(&plan.name).join(&run_id);
-    let record_error = |source| RunnerError::Record {
-        path: run_dir.clone(),
-        source,
-    };
+    let record_error = |source| RunnerError::Record { path: run_dir.clone(), source };
     std::fs::create_dir_all(&run_dir).map_err(record_error)?;
     let cache = Cache::new(&state_dir);
     cache.sweep_stale();
@@ -145,6 +141,7 @@ pub async fn run(
             .collect(),
     };
     record.save(&run_dir).map_err(record_error)?;
+    update_latest_link(&runs_dir.join(&plan.name), &record.run_id);
     display.println(&format!("run {run_id} of `{}`: {} stages → {}", plan.name, plan.order.len(), run_dir.display()));
 
     let position = |node: NodeIndex| plan.order.iter().position(|&n| n == node).unwrap_or(0);
@@ -279,7 +276,6 @@ pub async fn run(
     record.exit_code = Some(crate::exit::Exit::for_run(record.status).code());
     record.finished_at = Some(crate::timefmt::now_rfc3339());
     record.save(&run_dir).map_err(record_error)?;
-    update_latest_link(&runs_dir.join(&plan.name), &record.run_id);
     Ok(RunSummary { run_dir, record })
 }
 
@@ -300,7 +296,7 @@ fn descendants(plan: &Plan, node: NodeIndex) -> Vec<NodeIndex> {
     out
 }
 
-/// `runs/<pipeline>/latest` points at the newest run (best effort: a convenience only).
+/// `runs/<pipeline>/latest` points at the most recently started run (best effort: a convenience only).
 fn update_latest_link(pipeline_dir: &Path, run_id: &str) {
     let link = pipeline_dir.join("latest");
     let tmp = pipeline_dir.join(format!(".latest.{}", std::process::id()));
@@ -323,15 +319,17 @@ struct Shared {
 
 impl Shared {
     fn cache_files_dir(&self, stage: &Stage, key: &str) -> PathBuf {
-        self.state_dir
-            .join("cache")
-            .join(stage.kind.as_str())
-            .join(key)
-            .join("files")
+        self.state_dir.join("cache").join(stage.kind.as_str()).join(key).join("files")
     }
 
     /// Runs on a blocking thread: key, cache lookup, execution, commit, publication.
-    fn execute(&self, node: NodeIndex, stage: &Stage, inputs: Vec<InputArtifact>, runtime: tokio::runtime::Handle) -> Completed {
+    fn execute(
+        &self,
+        node: NodeIndex,
+        stage: &Stage,
+        inputs: Vec<InputArtifact>,
+        runtime: tokio::runtime::Handle,
+    ) -> Completed {
         let started = Instant::now();
         let progress = self.display.stage(&stage.name);
         let mut key = None;
@@ -346,12 +344,7 @@ impl Shared {
             Err(StageError::Failed(message)) => format!("✗ {} failed after {seconds:.1}s: {message}", stage.name),
         };
         progress.finish(&line);
-        Completed {
-            node,
-            key,
-            duration_ms,
-            result,
-        }
+        Completed { node, key, duration_ms, result }
     }
 
     fn execute_inner(
@@ -366,12 +359,7 @@ impl Shared {
             .executors
             .get(stage.kind)
             .ok_or_else(|| StageError::Failed(format!("no executor for {} stages", stage.kind.as_str())))?;
-        let fingerprint = executor.fingerprint(
-            stage,
-            &FingerprintContext {
-                spec_dir: &self.source.spec_dir,
-            },
-        )?;
+        let fingerprint = executor.fingerprint(stage, &FingerprintContext { spec_dir: &self.source.spec_dir })?;
         let key = stage_key(stage, executor.logic_version(), &fingerprint, &inputs);
         *key_out = Some(key.clone());
         let kind = stage.kind.as_str();
@@ -390,10 +378,8 @@ impl Shared {
             Err(e) => progress.warn(&format!("cache lookup failed ({e}); recomputing")),
         }
 
-        let staging = self
-            .cache
-            .stage(kind, &key)
-            .map_err(|e| StageError::io("cannot create a staging directory", e))?;
+        let staging =
+            self.cache.stage(kind, &key).map_err(|e| StageError::io("cannot create a staging directory", e))?;
         let work_dir = self.state_dir.join("work").join(format!("{}-{}", stage.name, short(&key)));
         std::fs::create_dir_all(&work_dir).map_err(|e| StageError::io("cannot create the work directory", e))?;
         let ctx = StageContext {

@@ -92,23 +92,21 @@ impl Progress {
             }
             _ => None,
         };
-        StageProgress {
-            name: name.to_string(),
-            bar,
-            display: self.clone(),
-            last_line: Arc::new(Mutex::new(None)),
-        }
+        StageProgress { name: name.to_string(), bar, display: self.clone(), last_line: Arc::new(Mutex::new(None)) }
     }
 }
 
 fn spinner_style() -> ProgressStyle {
-    ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_spinner())
+    ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} {wide_msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 
 fn bar_style() -> ProgressStyle {
-    ProgressStyle::with_template("{spinner:.cyan} {prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} {per_sec} eta {eta} {wide_msg}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ")
+    ProgressStyle::with_template(
+        "{spinner:.cyan} {prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} {per_sec} eta {eta} {wide_msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ")
 }
 
 /// One stage's progress: a bar on a terminal, throttled lines otherwise.

@@ -37,12 +37,7 @@ pub fn deserialize<T: DeserializeOwned>(root: &Node, lookup: &dyn Fn(&str) -> Op
             poisoned: RefCell::new(BTreeSet::new()),
             injected: RefCell::new(injected.clone()),
         };
-        let result = T::deserialize(NodeDe {
-            node: root,
-            path: String::new(),
-            key_span: None,
-            session: &session,
-        });
+        let result = T::deserialize(NodeDe { node: root, path: String::new(), key_span: None, session: &session });
         let grown = session.injected.borrow().len() > injected.len();
         match result {
             Ok(value) => {
@@ -58,11 +53,7 @@ pub fn deserialize<T: DeserializeOwned>(root: &Node, lookup: &dyn Fn(&str) -> Op
                 if let DeError::Custom(message) = error {
                     diagnostics.push(Diagnostic::error("invalid-value", root.span, message));
                 }
-                return Deserialized {
-                    value: None,
-                    diagnostics,
-                    poisoned: session.poisoned.into_inner(),
-                };
+                return Deserialized { value: None, diagnostics, poisoned: session.poisoned.into_inner() };
             }
         }
     }
@@ -169,8 +160,7 @@ impl<'a> NodeDe<'a> {
             format!("{} must be {expected}, but it is {found}", describe_path(&self.path))
         };
         let span = if self.node.is_null() { self.at() } else { self.node.span };
-        self.session
-            .report(Diagnostic::error("wrong-type", span, message).with_hint(example.to_string()));
+        self.session.report(Diagnostic::error("wrong-type", span, message).with_hint(example.to_string()));
         self.session.poison(&self.path);
     }
 
@@ -228,11 +218,7 @@ impl<'a> NodeDe<'a> {
         match parsed {
             Some(n) if (min..=max).contains(&n) => Some(n),
             Some(n) => {
-                let bound = if n < min {
-                    format!("at least {min}")
-                } else {
-                    format!("at most {max}")
-                };
+                let bound = if n < min { format!("at least {min}") } else { format!("at most {max}") };
                 self.session.report(
                     Diagnostic::error(
                         "out-of-range",
@@ -263,12 +249,7 @@ impl<'a> NodeDe<'a> {
     }
 
     fn child(&self, node: &'a Node, path: String, key_span: Option<Span>) -> NodeDe<'a> {
-        NodeDe {
-            node,
-            path,
-            key_span,
-            session: self.session,
-        }
+        NodeDe { node, path, key_span, session: self.session }
     }
 }
 
@@ -287,10 +268,7 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match &self.node.value {
-            Value::Seq(items) => visitor.visit_seq(SeqDe {
-                items: items.iter().enumerate(),
-                parent: &self,
-            }),
+            Value::Seq(items) => visitor.visit_seq(SeqDe { items: items.iter().enumerate(), parent: &self }),
             Value::Map(_) => self.deserialize_map(visitor),
             Value::Scalar(_) if self.node.is_null() => visitor.visit_unit(),
             Value::Scalar(scalar) if scalar.style == ScalarStyle::Plain => {
@@ -361,9 +339,7 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
     }
 
     fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
-        let text = self
-            .text("a string", "write text, quoted if it contains `: ` or `#`")
-            .unwrap_or_default();
+        let text = self.text("a string", "write text, quoted if it contains `: ` or `#`").unwrap_or_default();
         visitor.visit_string(text)
     }
 
@@ -401,15 +377,10 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
 
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match &self.node.value {
-            Value::Seq(items) => visitor.visit_seq(SeqDe {
-                items: items.iter().enumerate(),
-                parent: &self,
-            }),
+            Value::Seq(items) => visitor.visit_seq(SeqDe { items: items.iter().enumerate(), parent: &self }),
             _ => {
                 self.wrong_type("a list", "write a list, e.g. `[a, b]` or one `- item` per line");
-                visitor.visit_seq(de::value::SeqDeserializer::<std::iter::Empty<()>, DeError>::new(
-                    std::iter::empty(),
-                ))
+                visitor.visit_seq(de::value::SeqDeserializer::<std::iter::Empty<()>, DeError>::new(std::iter::empty()))
             }
         }
     }
@@ -429,11 +400,7 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
 
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         match &self.node.value {
-            Value::Map(entries) => visitor.visit_map(MapDe {
-                entries: entries.iter(),
-                pending: None,
-                parent: &self,
-            }),
+            Value::Map(entries) => visitor.visit_map(MapDe { entries: entries.iter(), pending: None, parent: &self }),
             _ => {
                 self.wrong_type("a mapping", "write `key: value` pairs, indented under the key");
                 visitor.visit_map(de::value::MapDeserializer::<std::iter::Empty<((), ())>, DeError>::new(
@@ -451,9 +418,7 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
     ) -> Result<V::Value, DeError> {
         let Value::Map(entries) = &self.node.value else {
             self.wrong_type("a mapping", "write `key: value` pairs, indented under the key");
-            return visitor.visit_map(PoisonStruct {
-                fields: fields.iter(),
-            });
+            return visitor.visit_map(PoisonStruct { fields: fields.iter() });
         };
         let injected: Vec<&'static str> = self
             .session
@@ -475,8 +440,7 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
                     format!("add `{field}: …` under `{}`", self.path.rsplit('.').next().unwrap_or(&self.path)),
                 )
             };
-            self.session
-                .report(Diagnostic::error("missing-key", self.at(), message).with_hint(hint));
+            self.session.report(Diagnostic::error("missing-key", self.at(), message).with_hint(hint));
             self.session.poison(&child_path(&self.path, field));
         }
         let result = visitor.visit_map(StructDe {
@@ -492,8 +456,7 @@ impl<'de, 'a> de::Deserializer<'de> for NodeDe<'a> {
                 Err(DeError::Abort)
             }
             Err(DeError::Custom(message)) => {
-                self.session
-                    .report(Diagnostic::error("invalid-value", self.node.span, message));
+                self.session.report(Diagnostic::error("invalid-value", self.node.span, message));
                 self.session.poison(&self.path);
                 Err(DeError::Abort)
             }
@@ -638,9 +601,7 @@ impl<'de> de::MapAccess<'de> for StructDe<'_, '_> {
             } else {
                 format!("unknown key `{key}` in {place}")
             };
-            self.parent
-                .session
-                .report(Diagnostic::error("unknown-key", entry.key.span, message).with_hint(hint));
+            self.parent.session.report(Diagnostic::error("unknown-key", entry.key.span, message).with_hint(hint));
         }
         match self.injected.next() {
             Some(field) => {
@@ -793,9 +754,7 @@ impl<'de> de::Deserializer<'de> for Poison {
         self.deserialize_seq(visitor)
     }
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
-        visitor.visit_map(de::value::MapDeserializer::<std::iter::Empty<((), ())>, DeError>::new(
-            std::iter::empty(),
-        ))
+        visitor.visit_map(de::value::MapDeserializer::<std::iter::Empty<((), ())>, DeError>::new(std::iter::empty()))
     }
     fn deserialize_struct<V: Visitor<'de>>(
         self,
@@ -803,9 +762,7 @@ impl<'de> de::Deserializer<'de> for Poison {
         fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, DeError> {
-        visitor.visit_map(PoisonStruct {
-            fields: fields.iter(),
-        })
+        visitor.visit_map(PoisonStruct { fields: fields.iter() })
     }
     fn deserialize_enum<V: Visitor<'de>>(
         self,
@@ -813,10 +770,7 @@ impl<'de> de::Deserializer<'de> for Poison {
         variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, DeError> {
-        visitor.visit_enum(EnumDe {
-            variant: variants.first().copied().unwrap_or_default().to_string(),
-            value: None,
-        })
+        visitor.visit_enum(EnumDe { variant: variants.first().copied().unwrap_or_default().to_string(), value: None })
     }
     fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         visitor.visit_str("")

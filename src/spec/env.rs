@@ -26,10 +26,7 @@ pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resul
             }
             ('$', Some('{')) => {
                 let Some(close) = chars[i + 2..].iter().position(|&c| c == '}').map(|p| p + i + 2) else {
-                    errors.push(EnvError::Malformed {
-                        offset: i,
-                        len: chars.len() - i,
-                    });
+                    errors.push(EnvError::Malformed { offset: i, len: chars.len() - i });
                     break;
                 };
                 let inner: String = chars[i + 2..close].iter().collect();
@@ -43,11 +40,7 @@ pub fn interpolate(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resul
                 } else {
                     match lookup(name).filter(|v| !v.is_empty()).or(default.map(str::to_string)) {
                         Some(value) => out.push_str(&value),
-                        None => errors.push(EnvError::Undefined {
-                            name: name.to_string(),
-                            offset: i,
-                            len,
-                        }),
+                        None => errors.push(EnvError::Undefined { name: name.to_string(), offset: i, len }),
                     }
                 }
                 i = close + 1;
@@ -99,19 +92,15 @@ mod tests {
     #[test]
     fn undefined_names_the_variable_and_its_position() {
         let err = interpolate("ab${MISSING}", &env).expect_err("undefined");
-        assert_eq!(
-            err,
-            vec![EnvError::Undefined {
-                name: "MISSING".into(),
-                offset: 2,
-                len: 10
-            }]
-        );
+        assert_eq!(err, vec![EnvError::Undefined { name: "MISSING".into(), offset: 2, len: 10 }]);
     }
 
     #[test]
     fn malformed_references_are_errors() {
         assert!(matches!(interpolate("${", &env).as_deref().map_err(Vec::as_slice), Err([EnvError::Malformed { .. }])));
-        assert!(matches!(interpolate("${1X}", &env).as_deref().map_err(Vec::as_slice), Err([EnvError::Malformed { .. }])));
+        assert!(matches!(
+            interpolate("${1X}", &env).as_deref().map_err(Vec::as_slice),
+            Err([EnvError::Malformed { .. }])
+        ));
     }
 }

@@ -70,6 +70,15 @@ pub fn load_file(file: &Path) -> Result<LoadedSpec, Report> {
 
 /// Validates spec text; `file` names it in diagnostics and anchors relative paths.
 pub fn load_source(file: &Path, source: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<LoadedSpec, Report> {
+    // YAML breaks lines at \r, \r\n and \n; normalising first keeps the parser's line
+    // numbers and the lines shown in diagnostics in agreement.
+    let normalized;
+    let source = if source.contains('\r') {
+        normalized = source.replace("\r\n", "\n").replace('\r', "\n");
+        normalized.as_str()
+    } else {
+        source
+    };
     let (root, mut diagnostics) = match yaml::parse(source) {
         Ok(parsed) => parsed,
         Err(diagnostics) => return Err(Report::new(file, source, diagnostics)),
@@ -137,15 +146,7 @@ impl SpanIndex {
                     }
                 }
             }
-            entries.insert(
-                path,
-                Located {
-                    key,
-                    value: node.span,
-                    raw,
-                    style,
-                },
-            );
+            entries.insert(path, Located { key, value: node.span, raw, style });
         }
         SpanIndex { entries }
     }

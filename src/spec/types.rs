@@ -261,11 +261,7 @@ pub struct LossSpec {
 
 impl Default for LossSpec {
     fn default() -> Self {
-        LossSpec {
-            kind: LossKind::Sft,
-            alpha: default_kd_alpha(),
-            temperature: default_temperature(),
-        }
+        LossSpec { kind: LossKind::Sft, alpha: default_kd_alpha(), temperature: default_temperature() }
     }
 }
 
@@ -329,11 +325,7 @@ pub struct Normalize {
 
 impl Default for Normalize {
     fn default() -> Self {
-        Normalize {
-            lowercase: true,
-            strip: true,
-            strip_punctuation: false,
-        }
+        Normalize { lowercase: true, strip: true, strip_punctuation: false }
     }
 }
 

@@ -11,11 +11,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 pub fn validate(spec: &Spec, dir: &Path, spans: &SpanIndex, poisoned: &BTreeSet<String>) -> Vec<Diagnostic> {
-    let mut c = Checker {
-        spans,
-        poisoned,
-        diagnostics: Vec::new(),
-    };
+    let mut c = Checker { spans, poisoned, diagnostics: Vec::new() };
     c.name(spec);
     if let Some(teacher) = &spec.teacher {
         c.teacher(teacher);
@@ -110,10 +106,7 @@ impl Checker<'_> {
     fn name(&mut self, spec: &Spec) {
         let ok = !spec.name.is_empty()
             && spec.name.len() <= 64
-            && spec
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && spec.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
             && !spec.name.starts_with('.');
         if !ok {
             self.at_value(
@@ -220,7 +213,8 @@ impl Checker<'_> {
         if let Some(budget) = &teacher.budget {
             if let Some(cost) = budget.max_cost_usd {
                 self.range("teacher.budget.max_cost_usd", cost, 0.0, f64::MAX, false);
-                let priced = teacher.pricing.is_some() || (!teacher.targets.is_empty() && teacher.targets.iter().all(|t| t.pricing.is_some()));
+                let priced = teacher.pricing.is_some()
+                    || (!teacher.targets.is_empty() && teacher.targets.iter().all(|t| t.pricing.is_some()));
                 if !priced {
                     self.at_key(
                         "teacher.budget.max_cost_usd",
@@ -388,12 +382,7 @@ impl Checker<'_> {
                 };
                 self.at_value(&path, "unknown-metric", format!("unknown metric `{name}`"), hint);
             } else if !seen.insert(name.as_str()) {
-                self.at_value(
-                    &path,
-                    "duplicate",
-                    format!("metric `{name}` is listed twice"),
-                    "list each metric once",
-                );
+                self.at_value(&path, "duplicate", format!("metric `{name}` is listed twice"), "list each metric once");
             }
             if name == "teacher_agreement" && spec.teacher.is_none() {
                 self.at_value(
@@ -491,20 +480,32 @@ impl Checker<'_> {
                 match &r.subject {
                     Subject::Teacher if spec.teacher.is_none() => self.push(
                         &path,
-                        Diagnostic::error("missing-section", span, format!("`{r}` refers to the teacher, but the spec has no `teacher`"))
-                            .with_hint("add a `teacher` section, or compare with a fixed number"),
+                        Diagnostic::error(
+                            "missing-section",
+                            span,
+                            format!("`{r}` refers to the teacher, but the spec has no `teacher`"),
+                        )
+                        .with_hint("add a `teacher` section, or compare with a fixed number"),
                     ),
                     Subject::Deployed(name) if Some(name.as_str()) != alias => {
                         let subjects = ["teacher", "student"].into_iter().chain(alias);
                         let hint = match (did_you_mean(name, subjects), alias) {
                             (Some(best), _) => format!("did you mean `{best}.{}`?", r.metric),
-                            (None, Some(a)) => format!("the deployed version is referred to by its alias: `{a}.{}`", r.metric),
-                            (None, None) => "add a `deploy` section with an `alias`, or refer to `teacher.` or the student".into(),
+                            (None, Some(a)) => {
+                                format!("the deployed version is referred to by its alias: `{a}.{}`", r.metric)
+                            }
+                            (None, None) => {
+                                "add a `deploy` section with an `alias`, or refer to `teacher.` or the student".into()
+                            }
                         };
                         self.push(
                             &path,
-                            Diagnostic::error("unknown-subject", span, format!("`{name}` is neither `teacher` nor the deploy alias"))
-                                .with_hint(hint),
+                            Diagnostic::error(
+                                "unknown-subject",
+                                span,
+                                format!("`{name}` is neither `teacher` nor the deploy alias"),
+                            )
+                            .with_hint(hint),
                         );
                     }
                     _ => {}
@@ -551,10 +552,7 @@ impl Checker<'_> {
             let path = format!("steps[{i}]");
             let ok = !step.name.is_empty()
                 && step.name.len() <= 64
-                && step
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+                && step.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
             if !ok {
                 self.at_value(
                     &format!("{path}.name"),

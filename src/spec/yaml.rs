@@ -90,10 +90,7 @@ impl Node {
 }
 
 pub fn is_bool(text: &str) -> bool {
-    matches!(
-        text,
-        "true" | "True" | "TRUE" | "false" | "False" | "FALSE"
-    )
+    matches!(text, "true" | "True" | "TRUE" | "false" | "False" | "FALSE")
 }
 
 pub fn is_number(text: &str) -> bool {
@@ -113,12 +110,9 @@ pub fn parse(source: &str) -> Result<(Node, Vec<Diagnostic>), Vec<Diagnostic>> {
         } else {
             "check the indentation and quoting here; a value containing `: `, ` #`, `{` or `[` needs quotes"
         };
-        return Err(vec![Diagnostic::error(
-            "yaml-syntax",
-            span,
-            format!("this is not valid YAML: {}", e.info()),
-        )
-        .with_hint(hint)]);
+        return Err(vec![
+            Diagnostic::error("yaml-syntax", span, format!("this is not valid YAML: {}", e.info())).with_hint(hint)
+        ]);
     }
     Builder::new(source).build(events.0)
 }
@@ -133,17 +127,8 @@ impl MarkedEventReceiver for EventLog {
 }
 
 enum Frame {
-    Seq {
-        span: Span,
-        anchor: usize,
-        items: Vec<Node>,
-    },
-    Map {
-        span: Span,
-        anchor: usize,
-        entries: Vec<Entry>,
-        key: Option<Node>,
-    },
+    Seq { span: Span, anchor: usize, items: Vec<Node> },
+    Map { span: Span, anchor: usize, entries: Vec<Entry>, key: Option<Node> },
 }
 
 struct Builder<'s> {
@@ -201,45 +186,21 @@ impl<'s> Builder<'s> {
                         ScalarStyle::Block => 1,
                         _ => text.lines().next().map_or(0, |l| l.chars().count()) + extra,
                     };
-                    let node = Node {
-                        span: self.span_at(&mark, width),
-                        value: Value::Scalar(Scalar { text, style }),
-                    };
+                    let node = Node { span: self.span_at(&mark, width), value: Value::Scalar(Scalar { text, style }) };
                     self.finish(node, anchor)?;
                 }
                 Event::SequenceStart(anchor, _) => {
-                    self.push(Frame::Seq {
-                        span: self.span_at(&mark, 1),
-                        anchor,
-                        items: Vec::new(),
-                    })?;
+                    self.push(Frame::Seq { span: self.span_at(&mark, 1), anchor, items: Vec::new() })?;
                 }
                 Event::MappingStart(anchor, _) => {
-                    self.push(Frame::Map {
-                        span: self.span_at(&mark, 1),
-                        anchor,
-                        entries: Vec::new(),
-                        key: None,
-                    })?;
+                    self.push(Frame::Map { span: self.span_at(&mark, 1), anchor, entries: Vec::new(), key: None })?;
                 }
                 Event::SequenceEnd | Event::MappingEnd => {
                     let (node, anchor) = match self.stack.pop() {
-                        Some(Frame::Seq { span, anchor, items }) => (
-                            Node {
-                                value: Value::Seq(items),
-                                span,
-                            },
-                            anchor,
-                        ),
-                        Some(Frame::Map {
-                            span, anchor, entries, ..
-                        }) => (
-                            Node {
-                                value: Value::Map(entries),
-                                span,
-                            },
-                            anchor,
-                        ),
+                        Some(Frame::Seq { span, anchor, items }) => (Node { value: Value::Seq(items), span }, anchor),
+                        Some(Frame::Map { span, anchor, entries, .. }) => {
+                            (Node { value: Value::Map(entries), span }, anchor)
+                        }
                         None => continue,
                     };
                     self.finish(node, anchor)?;
@@ -254,20 +215,14 @@ impl<'s> Builder<'s> {
                         .with_hint("define the anchor (`&name`) before using `*name`")]);
                     };
                     self.nodes += count_nodes(&node);
-                    let node = Node {
-                        span: self.span_at(&mark, 1),
-                        ..node
-                    };
+                    let node = Node { span: self.span_at(&mark, 1), ..node };
                     self.finish(node, 0)?;
                 }
                 Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
             }
         }
         let root = self.root.take().unwrap_or(Node {
-            value: Value::Scalar(Scalar {
-                text: String::new(),
-                style: ScalarStyle::Plain,
-            }),
+            value: Value::Scalar(Scalar { text: String::new(), style: ScalarStyle::Plain }),
             span: Span::START,
         });
         Ok((root, self.diagnostics))
@@ -315,8 +270,12 @@ impl<'s> Builder<'s> {
                 None => {
                     if !matches!(node.value, Value::Scalar(_)) {
                         self.diagnostics.push(
-                            Diagnostic::error("complex-key", node.span, "a key must be a plain word, not a list or mapping")
-                                .with_hint("use `key: value` with a simple key"),
+                            Diagnostic::error(
+                                "complex-key",
+                                node.span,
+                                "a key must be a plain word, not a list or mapping",
+                            )
+                            .with_hint("use `key: value` with a simple key"),
                         );
                     }
                     *key = Some(node);

@@ -42,14 +42,16 @@ impl StageExecutor for LoadExamples {
 
     fn fingerprint(&self, stage: &Stage, ctx: &FingerprintContext) -> Result<Value, StageError> {
         let path = dataset_path(stage, ctx.spec_dir)?;
-        let hash = fsutil::sha256_file(&path).map_err(|e| StageError::io(format!("cannot read the dataset {}", path.display()), e))?;
+        let hash = fsutil::sha256_file(&path)
+            .map_err(|e| StageError::io(format!("cannot read the dataset {}", path.display()), e))?;
         Ok(json!({ "dataset_sha256": hash }))
     }
 
     fn execute(&self, stage: &Stage, ctx: &StageContext) -> Result<StageOutcome, StageError> {
         let c: DatasetConfig = config(stage)?;
         let path = resolve_against(&ctx.spec_dir, &c.path);
-        let text = std::fs::read_to_string(&path).map_err(|e| StageError::io(format!("cannot read the dataset {}", path.display()), e))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| StageError::io(format!("cannot read the dataset {}", path.display()), e))?;
         let is_csv = match c.format {
             Some(DatasetFormat::Csv) => true,
             Some(DatasetFormat::Jsonl) => false,
@@ -109,10 +111,7 @@ impl StageExecutor for SplitExamples {
         }
         write_examples(&ctx.out_dir.join(TRAIN_FILE), &train)?;
         write_examples(&ctx.out_dir.join(EVAL_FILE), &eval)?;
-        Ok(StageOutcome {
-            summary: json!({ "train": train.len(), "eval": eval.len() }),
-            halt: None,
-        })
+        Ok(StageOutcome { summary: json!({ "train": train.len(), "eval": eval.len() }), halt: None })
     }
 }
 
@@ -126,7 +125,8 @@ pub fn write_examples(path: &Path, examples: &[Example]) -> Result<(), StageErro
 }
 
 pub fn read_examples(path: &Path) -> Result<Vec<Example>, StageError> {
-    let text = std::fs::read_to_string(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).map_err(|e| StageError::Failed(format!("{} is damaged: {e}", path.display()))))

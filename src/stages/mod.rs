@@ -70,8 +70,7 @@ impl StageContext {
     }
 
     pub fn require_input(&self, port: &str) -> Result<&InputArtifact, StageError> {
-        self.input(port)
-            .ok_or_else(|| StageError::Failed(format!("internal: input `{port}` is not connected")))
+        self.input(port).ok_or_else(|| StageError::Failed(format!("internal: input `{port}` is not connected")))
     }
 }
 

@@ -34,10 +34,8 @@ fn config(stage: &Stage) -> Result<StepConfig, StageError> {
 
 /// `needs: [label-train]` → `TANGLE_INPUT_LABEL_TRAIN`.
 pub fn input_variable(stage: &str) -> String {
-    let name: String = stage
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
-        .collect();
+    let name: String =
+        stage.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
     format!("TANGLE_INPUT_{name}")
 }
 
@@ -61,7 +59,8 @@ impl StageExecutor for ShellStep {
                 vec![path.clone()]
             };
             for file in files {
-                let hash = fsutil::sha256_file(&file).map_err(|e| StageError::io(format!("cannot read step input {}", file.display()), e))?;
+                let hash = fsutil::sha256_file(&file)
+                    .map_err(|e| StageError::io(format!("cannot read step input {}", file.display()), e))?;
                 hashes.insert(file.to_string_lossy().into_owned(), hash);
             }
         }
@@ -73,7 +72,8 @@ impl StageExecutor for ShellStep {
         let log_dir = ctx.run_dir.join("logs");
         std::fs::create_dir_all(&log_dir).map_err(|e| StageError::io("cannot create the log directory", e))?;
         let log_path = log_dir.join(format!("{}.log", stage.name));
-        let log = std::fs::File::create(&log_path).map_err(|e| StageError::io(format!("cannot create {}", log_path.display()), e))?;
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| StageError::io(format!("cannot create {}", log_path.display()), e))?;
         let log_err = log.try_clone().map_err(|e| StageError::io("cannot open the log", e))?;
         let mut command = Command::new("sh");
         command
@@ -94,9 +94,7 @@ impl StageExecutor for ShellStep {
             command.env(input_variable(&input.stage), &input.dir);
         }
         let started = Instant::now();
-        let mut child = command
-            .spawn()
-            .map_err(|e| StageError::io(format!("cannot start `sh -c {}`", c.run), e))?;
+        let mut child = command.spawn().map_err(|e| StageError::io(format!("cannot start `sh -c {}`", c.run), e))?;
         ctx.progress.set_message(format!("running `{}`", one_line(&c.run)));
         let status = loop {
             match child.try_wait() {
