@@ -4,6 +4,8 @@
 use crate::diagnostic::Report;
 use crate::exit::Exit;
 use crate::graph::{self, Format, Plan};
+use crate::report::diff::{self, DiffOptions};
+use crate::report::{EvalReport, REPORT_SCHEMA};
 use crate::runner::progress::ProgressMode;
 use crate::runner::{self, PlanSource, RunOptions};
 use crate::spec::{self, LoadedSpec};
@@ -19,7 +21,7 @@ use std::sync::Arc;
     version,
     about = "Distill a frontier LLM into a small student model, gate it on evals, deploy it.",
     after_help = "Exit codes: 0 success/promoted, 1 runtime error, 2 invalid spec or usage, \
-                  3 gate rejected, 4 stopped by a budget or breaker, 130 interrupted."
+                  3 gate rejected (or `diff --fail-on-regression` found one), 4 stopped by a budget or breaker, 130 interrupted."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -34,6 +36,39 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print the compiled DAG of stages.
     Graph(GraphArgs),
+    /// Compare two eval reports: metric deltas with confidence intervals, flipped examples.
+    Diff(DiffArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The baseline: a report.json, or a run directory holding one.
+    pub a: PathBuf,
+    /// The candidate, compared against A.
+    pub b: PathBuf,
+    /// Print the comparison as one JSON document on stdout.
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
+    #[arg(long, short = 'f', value_enum, default_value_t = DiffFormat::Text)]
+    pub format: DiffFormat,
+    /// Whose outputs to compare.
+    #[arg(long, default_value = "student")]
+    pub subject: String,
+    /// Significance level.
+    #[arg(long, default_value_t = 0.05)]
+    pub alpha: f64,
+    /// Exit with code 3 when any metric is significantly worse in B.
+    #[arg(long)]
+    pub fail_on_regression: bool,
+    /// Flipped examples listed per metric and direction.
+    #[arg(long, default_value_t = 10)]
+    pub max_flips: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiffFormat {
+    Text,
+    Markdown,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +129,7 @@ pub fn main() -> i32 {
         Command::Validate(args) => validate(&args).code(),
         Command::Graph(args) => graph_command(&args).code(),
         Command::Run(args) => run_command(&args).code(),
+        Command::Diff(args) => diff_command(&args).code(),
     }
 }
 
@@ -157,6 +193,12 @@ fn run_command(args: &RunArgs) -> Exit {
     let (loaded, plan) = match load_and_compile(&args.spec) {
         Ok(ok) => ok,
         Err(report) => {
+            if args.json {
+                emit(&format!(
+                    "{:#}\n",
+                    serde_json::json!({ "status": "invalid", "exit_code": Exit::Usage.code(), "validation": report.to_json() })
+                ));
+            }
             eprint_report(&report);
             return Exit::Usage;
         }
@@ -203,6 +245,12 @@ fn run_command(args: &RunArgs) -> Exit {
     let summary = match result {
         Ok(summary) => summary,
         Err(e) => {
+            if args.json {
+                emit(&format!(
+                    "{:#}\n",
+                    serde_json::json!({ "status": "error", "exit_code": Exit::Runtime.code(), "error": e.to_string() })
+                ));
+            }
             eprintln!("error: {e}");
             return Exit::Runtime;
         }
@@ -227,4 +275,55 @@ fn run_command(args: &RunArgs) -> Exit {
         emit(&format!("{doc:#}\n"));
     }
     exit
+}
+
+fn read_report(path: &Path) -> Result<EvalReport, String> {
+    let file = if path.is_dir() { path.join("report.json") } else { path.to_path_buf() };
+    let bytes = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let report: EvalReport =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{}: not a tangle eval report: {e}", file.display()))?;
+    if report.schema != REPORT_SCHEMA {
+        return Err(format!(
+            "{}: report schema `{}` is not `{REPORT_SCHEMA}`; compare reports made by the same tangle version",
+            file.display(),
+            report.schema
+        ));
+    }
+    Ok(report)
+}
+
+fn diff_command(args: &DiffArgs) -> Exit {
+    let (a, b) = match (read_report(&args.a), read_report(&args.b)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}\n  = hint: pass report.json files or the run directories that hold them");
+            return Exit::Usage;
+        }
+    };
+    let options = DiffOptions {
+        subject: args.subject.clone(),
+        alpha: args.alpha,
+        max_flips: args.max_flips,
+        ..DiffOptions::default()
+    };
+    let result = diff::diff(&a, &b, &args.a.display().to_string(), &args.b.display().to_string(), &options);
+    if result.shared == 0 {
+        eprintln!("warning: the reports share no example ids; only their aggregates can be compared");
+    }
+    if args.json {
+        let mut doc = serde_json::to_value(&result).unwrap_or_default();
+        doc["regression"] = result.has_regression().into();
+        emit(&format!("{doc:#}\n"));
+    } else {
+        emit(&match args.format {
+            DiffFormat::Text => result.to_text(),
+            DiffFormat::Markdown => result.to_markdown(),
+        });
+    }
+    if args.fail_on_regression && result.has_regression() {
+        let worse: Vec<&str> = result.metrics.iter().filter(|m| m.regression).map(|m| m.metric.as_str()).collect();
+        eprintln!("regression: {} significantly worse in B", worse.join(", "));
+        return Exit::Rejected;
+    }
+    Exit::Success
 }

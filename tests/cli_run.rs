@@ -116,9 +116,11 @@ fn changing_a_setting_reruns_only_what_depends_on_it() {
 #[test]
 fn exit_codes_for_invalid_specs_and_failing_stages() {
     let p = Project::new("name: broken\ndataset: { path: data.jsonl, eval_fraction: 2 }\n");
-    let (code, _, stderr) = p.run();
+    let (code, doc, stderr) = p.run();
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("pipeline.yaml:2:"), "{stderr}");
+    assert_eq!(doc["status"], "invalid");
+    assert_eq!(doc["validation"]["errors"][0]["line"], 2);
 
     let p = Project::new(
         "name: failing\ndataset: { path: data.jsonl }\nsteps:\n  - { name: boom, run: 'echo about to fail; exit 3' }\n",

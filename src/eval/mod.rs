@@ -3,6 +3,9 @@
 //! This module knows which metrics exist and what values each one yields; the spec
 //! validator and the gate ask it, so an unknown name fails at validate time.
 
+pub mod metrics;
+pub mod stats;
+
 /// A metric a spec may list under `eval.metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetricInfo {
