@@ -151,6 +151,54 @@ fn ngrams(chars: &[char], n: usize) -> HashMap<&[char], usize> {
     out
 }
 
+/// Scores outputs with the metrics an eval section lists; holds what is compiled once (the
+/// regex, the JSON Schema).
+pub struct Scorer {
+    normalize: Normalize,
+    regex: Option<regex::Regex>,
+    schema: Option<jsonschema::Validator>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScorerError {
+    #[error("eval.regex is not a valid regular expression: {0}")]
+    Regex(#[from] regex::Error),
+    #[error("eval.json_schema is not a valid JSON Schema: {0}")]
+    Schema(String),
+}
+
+impl Scorer {
+    pub fn new(normalize: Normalize, regex: Option<&str>, schema: Option<&serde_json::Value>) -> Result<Scorer, ScorerError> {
+        let regex = regex.map(regex::Regex::new).transpose()?;
+        let schema = schema
+            .map(|s| jsonschema::validator_for(s).map_err(|e| ScorerError::Schema(e.to_string())))
+            .transpose()?;
+        Ok(Scorer { normalize, regex, schema })
+    }
+
+    /// One metric for one output. `target` is what the output should say (the reference, or
+    /// the teacher's output where there is none); `teacher` is the teacher's output. `None`
+    /// when the metric does not apply (no target, or not a per-example quality metric).
+    pub fn score(&self, metric: &str, output: &str, target: Option<&str>, teacher: Option<&str>) -> Option<f64> {
+        let n = &self.normalize;
+        match metric {
+            "exact_match" => target.map(|t| exact_match(output, t, n)),
+            "contains" => target.map(|t| contains(output, t, n)),
+            "token_f1" => target.map(|t| token_f1(output, t)),
+            "rouge_l" => target.map(|t| rouge_l(output, t)),
+            "chrf" => target.map(|t| chrf(output, t)),
+            "teacher_agreement" => teacher.map(|t| exact_match(output, t, n)),
+            "json_valid" => Some(json_valid(output)),
+            "regex" => self.regex.as_ref().map(|r| f64::from(u8::from(r.is_match(output.trim())))),
+            "json_schema" => self.schema.as_ref().map(|v| {
+                let ok = serde_json::from_str::<serde_json::Value>(output.trim()).is_ok_and(|doc| v.is_valid(&doc));
+                f64::from(u8::from(ok))
+            }),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +217,20 @@ mod tests {
     fn lcs_of_known_sequences() {
         assert_eq!(lcs_len(&["a", "b", "c", "d"], &["a", "c", "d", "b"]), 3);
         assert_eq!(lcs_len::<&str>(&[], &["a"]), 0);
+    }
+
+    #[test]
+    fn scorer_applies_regex_and_schema() {
+        let schema = serde_json::json!({"type": "object", "required": ["intent"], "properties": {"intent": {"type": "string"}}});
+        let s = Scorer::new(Normalize::default(), Some("^(billing|shipping)$"), Some(&schema)).expect("valid");
+        assert_eq!(s.score("regex", " billing\n", None, None), Some(1.0));
+        assert_eq!(s.score("regex", "refund", None, None), Some(0.0));
+        assert_eq!(s.score("json_schema", "{\"intent\": \"billing\"}", None, None), Some(1.0));
+        assert_eq!(s.score("json_schema", "{\"intent\": 3}", None, None), Some(0.0));
+        assert_eq!(s.score("json_schema", "not json", None, None), Some(0.0));
+        assert_eq!(s.score("exact_match", "x", None, Some("x")), None, "no target, no score");
+        assert_eq!(s.score("teacher_agreement", "X", None, Some("x")), Some(1.0));
+        assert!(Scorer::new(Normalize::default(), Some("("), None).is_err());
     }
 
     #[test]
