@@ -9,6 +9,7 @@ pub mod exit;
 pub mod fsutil;
 pub mod gate;
 pub mod graph;
+pub mod registry;
 pub mod report;
 pub mod runner;
 pub mod spec;

@@ -168,11 +168,14 @@ pub enum ScorerError {
 }
 
 impl Scorer {
-    pub fn new(normalize: Normalize, regex: Option<&str>, schema: Option<&serde_json::Value>) -> Result<Scorer, ScorerError> {
+    pub fn new(
+        normalize: Normalize,
+        regex: Option<&str>,
+        schema: Option<&serde_json::Value>,
+    ) -> Result<Scorer, ScorerError> {
         let regex = regex.map(regex::Regex::new).transpose()?;
-        let schema = schema
-            .map(|s| jsonschema::validator_for(s).map_err(|e| ScorerError::Schema(e.to_string())))
-            .transpose()?;
+        let schema =
+            schema.map(|s| jsonschema::validator_for(s).map_err(|e| ScorerError::Schema(e.to_string()))).transpose()?;
         Ok(Scorer { normalize, regex, schema })
     }
 
@@ -221,7 +224,8 @@ mod tests {
 
     #[test]
     fn scorer_applies_regex_and_schema() {
-        let schema = serde_json::json!({"type": "object", "required": ["intent"], "properties": {"intent": {"type": "string"}}});
+        let schema =
+            serde_json::json!({"type": "object", "required": ["intent"], "properties": {"intent": {"type": "string"}}});
         let s = Scorer::new(Normalize::default(), Some("^(billing|shipping)$"), Some(&schema)).expect("valid");
         assert_eq!(s.score("regex", " billing\n", None, None), Some(1.0));
         assert_eq!(s.score("regex", "refund", None, None), Some(0.0));

@@ -3,6 +3,7 @@
 //! This module knows which metrics exist and what values each one yields; the spec
 //! validator and the gate ask it, so an unknown name fails at validate time.
 
+pub mod aggregate;
 pub mod metrics;
 pub mod stats;
 

@@ -325,34 +325,36 @@ impl Builder {
             node
         });
 
-        let (eval_student, eval_teacher) = match &spec.eval {
-            Some(e) => {
-                let student = self.add(
-                    "eval-student",
+        // The teacher's eval scores its journaled labels (nothing is bought again); the
+        // student's eval generates, scores, and merges the teacher's results into one report.
+        let eval_teacher = match (&spec.eval, label_eval) {
+            (Some(e), Some(labels)) => {
+                let node = self.add(
+                    "eval-teacher",
                     StageKind::Eval,
                     Artifact::Report,
-                    json!({ "who": "student", "student": spec.student, "eval": e }),
+                    json!({ "who": "teacher", "eval": e }),
                     "eval",
                 );
-                self.link(Some(split), student, "split");
-                self.link(train, student, "model");
-                self.link(label_eval, student, "labels");
-                let teacher = label_eval.map(|labels| {
-                    let node = self.add(
-                        "eval-teacher",
-                        StageKind::Eval,
-                        Artifact::Report,
-                        json!({ "who": "teacher", "eval": e }),
-                        "eval",
-                    );
-                    self.link(Some(split), node, "split");
-                    self.link(Some(labels), node, "labels");
-                    node
-                });
-                (Some(student), teacher)
+                self.link(Some(split), node, "split");
+                self.link(Some(labels), node, "labels");
+                Some(node)
             }
-            None => (None, None),
+            _ => None,
         };
+        let eval_student = spec.eval.as_ref().map(|e| {
+            let node = self.add(
+                "eval-student",
+                StageKind::Eval,
+                Artifact::Report,
+                json!({ "who": "student", "student": spec.student, "eval": e }),
+                "eval",
+            );
+            self.link(Some(split), node, "split");
+            self.link(train, node, "model");
+            self.link(eval_teacher, node, "teacher_report");
+            node
+        });
 
         let gate = spec.gate.as_ref().map(|g| {
             let deployed = spec.deploy.as_ref().map(|d| json!({ "alias": d.alias, "registry": d.registry }));
@@ -360,11 +362,10 @@ impl Builder {
                 "gate",
                 StageKind::Gate,
                 Artifact::Decision,
-                json!({ "gate": g, "deployed": deployed }),
+                json!({ "pipeline": spec.name, "gate": g, "deployed": deployed }),
                 "gate",
             );
-            self.link(eval_student, node, "student_report");
-            self.link(eval_teacher, node, "teacher_report");
+            self.link(eval_student, node, "report");
             node
         });
 
@@ -377,7 +378,7 @@ impl Builder {
                 "train",
             );
             self.link(Some(model), node, "model");
-            self.link(eval_student, node, "student_report");
+            self.link(eval_student, node, "report");
             self.link(gate, node, "decision");
             node
         });

@@ -359,7 +359,8 @@ impl Shared {
             .executors
             .get(stage.kind)
             .ok_or_else(|| StageError::Failed(format!("no executor for {} stages", stage.kind.as_str())))?;
-        let fingerprint = executor.fingerprint(stage, &FingerprintContext { spec_dir: &self.source.spec_dir })?;
+        let fingerprint = executor
+            .fingerprint(stage, &FingerprintContext { spec_dir: &self.source.spec_dir, state_dir: &self.state_dir })?;
         let key = stage_key(stage, executor.logic_version(), &fingerprint, &inputs);
         *key_out = Some(key.clone());
         let kind = stage.kind.as_str();

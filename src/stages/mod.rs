@@ -6,6 +6,7 @@
 //! inside one goes through `ctx.runtime`.
 
 pub mod dataset;
+pub mod gate;
 pub mod step;
 
 use crate::graph::{Stage, StageKind};
@@ -34,6 +35,7 @@ pub trait StageExecutor: Send + Sync {
 
 pub struct FingerprintContext<'a> {
     pub spec_dir: &'a Path,
+    pub state_dir: &'a Path,
 }
 
 /// An input's output directory.
@@ -151,6 +153,7 @@ impl Executors {
         e.insert(StageKind::Dataset, Arc::new(dataset::LoadExamples));
         e.insert(StageKind::Split, Arc::new(dataset::SplitExamples));
         e.insert(StageKind::Step, Arc::new(step::ShellStep));
+        e.insert(StageKind::Gate, Arc::new(gate::GateStage));
         e
     }
 
