@@ -4,6 +4,7 @@
 use crate::diagnostic::Report;
 use crate::exit::Exit;
 use crate::graph::{self, Format, Plan};
+use crate::registry::Registry;
 use crate::report::diff::{self, DiffOptions};
 use crate::report::{EvalReport, REPORT_SCHEMA};
 use crate::runner::progress::ProgressMode;
@@ -38,6 +39,40 @@ pub enum Command {
     Graph(GraphArgs),
     /// Compare two eval reports: metric deltas with confidence intervals, flipped examples.
     Diff(DiffArgs),
+    /// Inspect and move deployed versions: list, show, promote, rollback.
+    Registry(RegistryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// The registry directory.
+    #[arg(long, global = true, env = "TANGLE_REGISTRY", default_value = ".tangle/registry")]
+    pub registry: PathBuf,
+    /// Print one JSON document on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: RegistryAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistryAction {
+    /// Every pipeline with its versions and aliases.
+    List,
+    /// One version: `NAME` (its `production` alias), `NAME@ALIAS` or `NAME@VERSION`.
+    Show { reference: String },
+    /// Point an alias at a version: `NAME@VERSION`.
+    Promote {
+        reference: String,
+        #[arg(long, default_value = "production")]
+        alias: String,
+    },
+    /// Move an alias back to the version it pointed at before.
+    Rollback {
+        name: String,
+        #[arg(long, default_value = "production")]
+        alias: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +165,7 @@ pub fn main() -> i32 {
         Command::Graph(args) => graph_command(&args).code(),
         Command::Run(args) => run_command(&args).code(),
         Command::Diff(args) => diff_command(&args).code(),
+        Command::Registry(args) => registry_command(&args).code(),
     }
 }
 
@@ -326,4 +362,105 @@ fn diff_command(args: &DiffArgs) -> Exit {
         return Exit::Rejected;
     }
     Exit::Success
+}
+
+fn registry_command(args: &RegistryArgs) -> Exit {
+    let registry = Registry::open(&args.registry);
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!(
+            "error: {e}\n  = hint: `tangle registry list` shows what the registry at {} holds",
+            args.registry.display()
+        );
+        Exit::Usage
+    };
+    match &args.action {
+        RegistryAction::List => {
+            let listing = match registry.list() {
+                Ok(l) => l,
+                Err(e) => return fail(&e),
+            };
+            if args.json {
+                emit(&format!("{:#}\n", serde_json::to_value(&listing).unwrap_or_default()));
+            } else if listing.is_empty() {
+                eprintln!("the registry at {} is empty", args.registry.display());
+            } else {
+                let mut out = String::new();
+                for p in &listing {
+                    out.push_str(&format!("{}\n", p.pipeline));
+                    for v in &p.versions {
+                        let aliases: Vec<&str> =
+                            p.aliases.iter().filter(|(_, av)| av == v).map(|(a, _)| a.as_str()).collect();
+                        let tag =
+                            if aliases.is_empty() { String::new() } else { format!("  ← {}", aliases.join(", ")) };
+                        out.push_str(&format!("  {v}{tag}\n"));
+                    }
+                }
+                emit(&out);
+            }
+            Exit::Success
+        }
+        RegistryAction::Show { reference } => {
+            let deployed = match registry.lookup(reference, "production") {
+                Ok(d) => d,
+                Err(e) => return fail(&e),
+            };
+            let manifest = match crate::artifact::verify(&deployed.dir.join(crate::stages::package::ARTIFACT_DIR)) {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Exit::Runtime;
+                }
+            };
+            let report = registry.report(&deployed).ok();
+            if args.json {
+                let doc = serde_json::json!({ "version": deployed.version, "dir": deployed.dir, "manifest": manifest, "metrics": report.as_ref().and_then(|r| r.subjects.get("student")).map(|s| &s.metrics) });
+                emit(&format!("{doc:#}\n"));
+            } else {
+                let mut out =
+                    format!("{} {}\n  dir: {}\n", manifest.lineage.pipeline, deployed.version, deployed.dir.display());
+                out.push_str(&format!(
+                    "  run: {}  created: {}\n  base model: {}\n  teacher: {}\n  files: {} (verified)\n",
+                    manifest.lineage.run_id,
+                    manifest.lineage.created_at,
+                    manifest.lineage.base_model,
+                    manifest.lineage.teacher.join(", "),
+                    manifest.files.len()
+                ));
+                if let Some(student) = report.as_ref().and_then(|r| r.subjects.get("student")) {
+                    for (name, e) in &student.metrics {
+                        out.push_str(&format!(
+                            "  {name}: {} [{}, {}]\n",
+                            crate::gate::round(e.value),
+                            crate::gate::round(e.ci_low),
+                            crate::gate::round(e.ci_high)
+                        ));
+                    }
+                }
+                emit(&out);
+            }
+            Exit::Success
+        }
+        RegistryAction::Promote { reference, alias } => {
+            let Some((name, version)) = reference.split_once('@') else {
+                return fail(&"give the version to promote as NAME@VERSION");
+            };
+            match registry.set_alias(name, alias, version) {
+                Ok(previous) => {
+                    eprintln!(
+                        "{name}: `{alias}` → {version}{}",
+                        previous.map(|p| format!(" (was {p})")).unwrap_or_default()
+                    );
+                    Exit::Success
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        RegistryAction::Rollback { name, alias } => match registry.rollback(name, alias) {
+            Ok(version) => {
+                eprintln!("{name}: `{alias}` rolled back to {version}");
+                Exit::Success
+            }
+            Err(e) => fail(&e),
+        },
+    }
 }

@@ -1,6 +1,7 @@
 //! tangle: distill a frontier LLM into a small student model, gate it on measured evals,
 //! and serve it behind a failover proxy. See ARCHITECTURE.md for the map of this crate.
 
+pub mod artifact;
 pub mod cli;
 pub mod dataset;
 pub mod diagnostic;

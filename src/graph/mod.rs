@@ -150,7 +150,7 @@ pub const BUILTIN_STAGES: &[&str] = &[
 pub fn compile(loaded: &LoadedSpec) -> Result<Plan, Vec<Diagnostic>> {
     let spec = &loaded.spec;
     let mut b = Builder::default();
-    b.builtin_stages(spec);
+    b.builtin_stages(spec, &loaded.source_hash);
     let mut diagnostics = Vec::new();
 
     // Steps: names first (so `needs` may refer to a later step), then edges.
@@ -273,7 +273,7 @@ impl Builder {
     /// The standard chain: dataset → split → label → train → eval → gate → package → deploy,
     /// with only the stages the spec's sections ask for. Validation already guaranteed the
     /// sections each of these needs.
-    fn builtin_stages(&mut self, spec: &Spec) {
+    fn builtin_stages(&mut self, spec: &Spec, spec_sha256: &str) {
         let d = &spec.dataset;
         let dataset = self.add(
             "dataset",
@@ -374,7 +374,14 @@ impl Builder {
                 "package",
                 StageKind::Package,
                 Artifact::Package,
-                json!({ "name": spec.name, "teacher": teacher_config }),
+                json!({
+                    "name": spec.name,
+                    "description": spec.description,
+                    "teacher": spec.teacher,
+                    "student": spec.student,
+                    "spec_sha256": spec_sha256,
+                    "dataset": spec.dataset.path,
+                }),
                 "train",
             );
             self.link(Some(model), node, "model");
@@ -384,7 +391,13 @@ impl Builder {
         });
 
         if let (Some(d), Some(package)) = (&spec.deploy, package) {
-            let node = self.add("deploy", StageKind::Deploy, Artifact::Files, json!({ "deploy": d }), "deploy");
+            let node = self.add(
+                "deploy",
+                StageKind::Deploy,
+                Artifact::Files,
+                json!({ "pipeline": spec.name, "deploy": d }),
+                "deploy",
+            );
             self.link(Some(package), node, "package");
             self.link(gate, node, "decision");
         }

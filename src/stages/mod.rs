@@ -6,7 +6,9 @@
 //! inside one goes through `ctx.runtime`.
 
 pub mod dataset;
+pub mod deploy;
 pub mod gate;
+pub mod package;
 pub mod step;
 
 use crate::graph::{Stage, StageKind};
@@ -154,6 +156,8 @@ impl Executors {
         e.insert(StageKind::Split, Arc::new(dataset::SplitExamples));
         e.insert(StageKind::Step, Arc::new(step::ShellStep));
         e.insert(StageKind::Gate, Arc::new(gate::GateStage));
+        e.insert(StageKind::Package, Arc::new(package::PackageStage));
+        e.insert(StageKind::Deploy, Arc::new(deploy::DeployStage));
         e
     }
 
