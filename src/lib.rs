@@ -2,6 +2,7 @@
 //! and serve it behind a failover proxy. See ARCHITECTURE.md for the map of this crate.
 
 pub mod artifact;
+pub mod budget;
 pub mod cli;
 pub mod dataset;
 pub mod diagnostic;
@@ -10,9 +11,17 @@ pub mod exit;
 pub mod fsutil;
 pub mod gate;
 pub mod graph;
+pub mod label;
+pub mod ledger;
+pub mod mock;
+pub mod providers;
+pub mod ratelimit;
 pub mod registry;
 pub mod report;
+pub mod router;
 pub mod runner;
+pub mod serve;
 pub mod spec;
 pub mod stages;
+mod support;
 pub mod timefmt;

@@ -1,0 +1,301 @@
+//! Configuration types shared by the labeling stage and (later) the proxy.
+//!
+//! These are plain serde data: no I/O, no environment lookups. `${VAR}` expansion of
+//! secrets is the spec parser's job; by the time a [`SecretString`] exists it holds the
+//! resolved value, and nothing in this crate ever prints or serializes it.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A secret (API key). `Debug`, `Display` and `Serialize` print a fixed mask, so a key can
+/// be carried inside config structs that are logged or written to reports without leaking.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub const MASK: &'static str = "***";
+
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The raw value. Call this only where the secret leaves the process on purpose:
+    /// the HTTP header of a provider request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretString({})", Self::MASK)
+    }
+}
+
+impl fmt::Display for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(Self::MASK)
+    }
+}
+
+impl Serialize for SecretString {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(Self::MASK)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretString {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(SecretString)
+    }
+}
+
+/// Which wire protocol a target speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// api.openai.com Chat Completions.
+    Openai,
+    /// Anthropic Messages API.
+    Anthropic,
+    /// Any server speaking OpenAI Chat Completions at `base_url` (vLLM, llama.cpp, Ollama).
+    OpenaiCompatible,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::OpenaiCompatible => "openai_compatible",
+        }
+    }
+}
+
+/// Price of a target in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+impl Pricing {
+    /// Cost in USD of a call with the given token counts.
+    pub fn cost_usd(&self, input_tokens: u64, output_tokens: u64) -> f64 {
+        (input_tokens as f64 * self.input_per_mtok + output_tokens as f64 * self.output_per_mtok) / 1_000_000.0
+    }
+}
+
+/// Client-side rate limits for one target; `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    #[serde(default)]
+    pub requests_per_min: Option<u32>,
+    #[serde(default)]
+    pub tokens_per_min: Option<u32>,
+}
+
+/// Spending limits for one labeling run; `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
+}
+
+/// Sampling parameters. Part of a request's identity: two requests with equal messages
+/// but different params are different requests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    /// Top-K logprobs per output token, where the target offers them (OpenAI-style only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u8>,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_max_retries() -> u32 {
+    3
+}
+
+/// One teacher target: a provider, a model and how to reach it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub provider: ProviderKind,
+    pub model: String,
+    #[serde(default)]
+    pub api_key: Option<SecretString>,
+    /// Overrides the provider's default endpoint root (required for `openai_compatible`).
+    /// For OpenAI-style targets it ends before `/chat/completions` (e.g. `http://host/v1`);
+    /// for Anthropic before `/v1/messages`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Deadline for one attempt, including reading the whole body or stream.
+    #[serde(default = "default_timeout", with = "duration_serde")]
+    pub timeout: Duration,
+    /// Retries on this target after the first attempt, for retryable errors only.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Use SSE streaming for this target.
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub pricing: Option<Pricing>,
+    #[serde(default)]
+    pub rate_limits: Option<RateLimits>,
+    /// A successful call slower than this counts against the target's health: enough of
+    /// them in a row cool the target down and traffic fails over.
+    #[serde(default, with = "opt_duration_serde")]
+    pub latency_threshold: Option<Duration>,
+    /// Display name for ledger rows and logs; defaults to `provider:model`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl TargetConfig {
+    pub fn new(provider: ProviderKind, model: impl Into<String>) -> Self {
+        Self {
+            provider,
+            model: model.into(),
+            api_key: None,
+            base_url: None,
+            timeout: default_timeout(),
+            max_retries: default_max_retries(),
+            stream: false,
+            pricing: None,
+            rate_limits: None,
+            latency_threshold: None,
+            name: None,
+        }
+    }
+
+    pub fn display_name(&self) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => format!("{}:{}", self.provider.as_str(), self.model),
+        }
+    }
+}
+
+/// Parses durations written as a number of seconds (`30`, `0.5`) or with a unit suffix
+/// (`250ms`, `30s`, `2m`). Serializes as milliseconds with the `ms` suffix.
+pub mod duration_serde {
+    use super::*;
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let text = text.trim();
+        let (number, scale_secs) = if let Some(n) = text.strip_suffix("ms") {
+            (n, 0.001)
+        } else if let Some(n) = text.strip_suffix('s') {
+            (n, 1.0)
+        } else if let Some(n) = text.strip_suffix('m') {
+            (n, 60.0)
+        } else {
+            (text, 1.0)
+        };
+        let value: f64 =
+            number.trim().parse().map_err(|_| format!("invalid duration `{text}` (expected e.g. `30s`, `250ms`)"))?;
+        if !value.is_finite() || value < 0.0 {
+            return Err(format!("invalid duration `{text}`: must be >= 0"));
+        }
+        Ok(Duration::from_secs_f64(value * scale_secs))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(f64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Secs(v) if v.is_finite() && v >= 0.0 => Ok(Duration::from_secs_f64(v)),
+            Raw::Secs(v) => Err(serde::de::Error::custom(format!("invalid duration {v}"))),
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `Option<Duration>` with the same syntax as [`duration_serde`].
+pub mod opt_duration_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration_serde::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "duration_serde")] Duration);
+        Option::<Wrap>::deserialize(d).map(|o| o.map(|w| w.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_never_printed_or_serialized() {
+        let mut target = TargetConfig::new(ProviderKind::Openai, "gpt");
+        target.api_key = Some(SecretString::new("sk-very-secret"));
+        let debug = format!("{target:?}");
+        let json = serde_json::to_string(&target).unwrap();
+        let display = format!("{}", target.api_key.as_ref().unwrap());
+        for out in [&debug, &json, &display] {
+            assert!(!out.contains("sk-very-secret"), "leaked in {out}");
+            assert!(out.contains("***"));
+        }
+        assert_eq!(target.api_key.unwrap().expose(), "sk-very-secret");
+    }
+
+    #[test]
+    fn target_config_parses_durations_and_defaults() {
+        let t: TargetConfig = serde_json::from_str(
+            r#"{"provider":"openai_compatible","model":"m","base_url":"http://x/v1",
+                "timeout":"250ms","latency_threshold":2,"api_key":"k"}"#,
+        )
+        .unwrap();
+        assert_eq!(t.provider, ProviderKind::OpenaiCompatible);
+        assert_eq!(t.timeout, Duration::from_millis(250));
+        assert_eq!(t.latency_threshold, Some(Duration::from_secs(2)));
+        assert_eq!(t.max_retries, 3);
+        assert_eq!(t.api_key.unwrap().expose(), "k");
+        assert!(serde_json::from_str::<TargetConfig>(r#"{"provider":"x","model":"m"}"#).is_err());
+        assert!(duration_serde::parse("-1s").is_err());
+        assert_eq!(duration_serde::parse("2m").unwrap(), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn pricing_cost_is_per_million_tokens() {
+        let p = Pricing { input_per_mtok: 15.0, output_per_mtok: 75.0 };
+        assert!((p.cost_usd(1_000_000, 0) - 15.0).abs() < 1e-9);
+        assert!((p.cost_usd(1000, 100) - (0.015 + 0.0075)).abs() < 1e-12);
+    }
+}
