@@ -1,0 +1,9 @@
+//! The student model: configuration, the differentiable decoder, LoRA, tokenization,
+//! loading/saving Hugging Face directories and tiny test fixtures.
+
+pub mod config;
+pub mod fixture;
+pub mod loading;
+pub mod lora;
+pub mod qwen;
+pub mod tokenizer;
