@@ -41,6 +41,77 @@ pub enum Command {
     Diff(DiffArgs),
     /// Inspect and move deployed versions: list, show, promote, rollback.
     Registry(RegistryArgs),
+    /// Serve a model behind an OpenAI-compatible API: a registry alias (`production`),
+    /// `NAME@VERSION`, an artifact or model directory, or a GGUF file.
+    Serve(ServeArgs),
+    /// Teacher token spend from the ledger: totals by run, stage and target.
+    Usage(UsageArgs),
+    /// A scriptable OpenAI-compatible teacher for tests and offline demos.
+    #[command(hide = true)]
+    MockTeacher(MockTeacherArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// What to serve (see `tangle serve --help`).
+    pub model: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, short = 'p', default_value_t = 8080)]
+    pub port: u16,
+    /// Requests generated at once.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Requests that may wait before new ones get 503.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// `max_tokens` for requests that give none.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: u32,
+    /// `cpu`, `cuda`, `cuda:N` or `auto`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, env = "TANGLE_REGISTRY", default_value = ".tangle/registry")]
+    pub registry: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    #[arg(long, env = "TANGLE_STATE_DIR", default_value = ".tangle")]
+    pub state_dir: PathBuf,
+    /// Only this run.
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Group by these (repeatable); all three by default.
+    #[arg(long, value_enum)]
+    pub by: Vec<UsageGroup>,
+    /// Print one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UsageGroup {
+    Run,
+    Stage,
+    Target,
+    Key,
+}
+
+#[derive(Debug, Args)]
+pub struct MockTeacherArgs {
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// A dataset (JSONL with `prompt`/`messages` and `reference`): a prompt found there is
+    /// answered with its reference; any other gets a deterministic made-up label.
+    #[arg(long)]
+    pub answers: Option<PathBuf>,
+    /// Added to every answer.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Appends one line per request received (its prompt), to count calls across restarts.
+    #[arg(long)]
+    pub calls_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +237,9 @@ pub fn main() -> i32 {
         Command::Run(args) => run_command(&args).code(),
         Command::Diff(args) => diff_command(&args).code(),
         Command::Registry(args) => registry_command(&args).code(),
+        Command::Serve(args) => serve_command(&args).code(),
+        Command::Usage(args) => usage_command(&args).code(),
+        Command::MockTeacher(args) => mock_teacher_command(&args).code(),
     }
 }
 
@@ -278,6 +352,8 @@ fn run_command(args: &RunArgs) -> Exit {
         let source = PlanSource::from_spec(Arc::new(loaded));
         runner::run(&plan, &Executors::builtin(), source, &options, cancel).await
     });
+    // Teacher servers the run started never outlive it.
+    crate::launch::stop_all();
     let summary = match result {
         Ok(summary) => summary,
         Err(e) => {
@@ -462,5 +538,145 @@ fn registry_command(args: &RegistryArgs) -> Exit {
             }
             Err(e) => fail(&e),
         },
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        Exit::Runtime
+    })
+}
+
+fn serve_command(args: &ServeArgs) -> Exit {
+    crate::launch::exit_with_launcher();
+    let location = match crate::serve::models::locate(&args.model, &args.registry) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Exit::Usage;
+        }
+    };
+    eprintln!("loading {}", args.model);
+    let model = match crate::serve::models::load(&location, &args.device) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Exit::Runtime;
+        }
+    };
+    let options = crate::serve::ServeOptions {
+        workers: args.workers.max(1),
+        queue: args.queue.max(1),
+        default_max_tokens: args.max_tokens,
+    };
+    let id = model.id().to_string();
+    let app = crate::serve::router(model, options);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(exit) => return exit,
+    };
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
+        let addr = listener.local_addr()?;
+        eprintln!("serving `{id}` at http://{addr}/v1 (OpenAI-compatible; Ctrl-C stops)");
+        crate::serve::serve(listener, app).await
+    });
+    match result {
+        Ok(()) => Exit::Success,
+        Err(e) => {
+            eprintln!("error: cannot serve on {}:{}: {e}", args.host, args.port);
+            Exit::Runtime
+        }
+    }
+}
+
+fn usage_command(args: &UsageArgs) -> Exit {
+    use crate::ledger::{GroupBy, Ledger, UsageFilter};
+    let path = args.state_dir.join("ledger.sqlite");
+    if !path.exists() {
+        eprintln!("no ledger at {}: no teacher call has been made from this directory yet", path.display());
+        if args.json {
+            emit("{}\n");
+        }
+        return Exit::Success;
+    }
+    let ledger = match Ledger::open(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot open {}: {e}", path.display());
+            return Exit::Runtime;
+        }
+    };
+    let groups: Vec<UsageGroup> =
+        if args.by.is_empty() { vec![UsageGroup::Run, UsageGroup::Stage, UsageGroup::Target] } else { args.by.clone() };
+    let filter = UsageFilter { run_id: args.run.clone(), stage: None };
+    let mut doc = serde_json::Map::new();
+    let mut text = String::new();
+    for group in groups {
+        let (by, name) = match group {
+            UsageGroup::Run => (GroupBy::Run, "run"),
+            UsageGroup::Stage => (GroupBy::Stage, "stage"),
+            UsageGroup::Target => (GroupBy::Target, "target"),
+            UsageGroup::Key => (GroupBy::ApiKey, "key"),
+        };
+        let rows = match ledger.totals(by, &filter) {
+            Ok(rows) => rows,
+            Err(e) => {
+                eprintln!("error: cannot read {}: {e}", path.display());
+                return Exit::Runtime;
+            }
+        };
+        text.push_str(&crate::ledger::render_totals(name, &rows));
+        text.push('\n');
+        doc.insert(format!("by_{name}"), serde_json::to_value(&rows).unwrap_or_default());
+    }
+    if args.json {
+        emit(&format!("{:#}\n", serde_json::Value::Object(doc)));
+    } else {
+        emit(&text);
+    }
+    Exit::Success
+}
+
+fn mock_teacher_command(args: &MockTeacherArgs) -> Exit {
+    crate::launch::exit_with_launcher();
+    let answers = match &args.answers {
+        Some(path) => match crate::mock::answers_from_dataset(path) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Exit::Usage;
+            }
+        },
+        None => Default::default(),
+    };
+    let calls_log = args.calls_log.clone();
+    let config = crate::mock::MockConfig {
+        base_latency: std::time::Duration::from_millis(args.latency_ms),
+        answer: std::sync::Arc::new(move |prompt: &str| {
+            if let Some(log) = &calls_log {
+                crate::mock::append_line(log, prompt);
+            }
+            answers.get(prompt.trim()).cloned().unwrap_or_else(|| crate::mock::default_answer(prompt))
+        }),
+        ..Default::default()
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(exit) => return exit,
+    };
+    let result = rt.block_on(async {
+        let server = crate::mock::MockServer::start_on(&format!("127.0.0.1:{}", args.port), config).await?;
+        eprintln!("mock teacher at {}", server.openai_base_url());
+        let _ = tokio::signal::ctrl_c().await;
+        Ok::<_, std::io::Error>(())
+    });
+    match result {
+        Ok(()) => Exit::Success,
+        Err(e) => {
+            eprintln!("error: {e}");
+            Exit::Runtime
+        }
     }
 }

@@ -285,6 +285,41 @@ fn insert_batch(conn: &mut Connection, jobs: &[WriteJob]) -> Result<(), rusqlite
     tx.commit()
 }
 
+/// A plain-text table of totals, one row per key, with a total line.
+pub fn render_totals(group: &str, rows: &[UsageTotals]) -> String {
+    let width = rows.iter().map(|r| r.key.len()).chain([group.len(), 5]).max().unwrap_or(5);
+    let mut out = format!(
+        "{group:<width$}  {:>7}  {:>6}  {:>12}  {:>12}  {:>11}  {:>10}\n",
+        "calls", "failed", "input tok", "output tok", "cost USD", "mean ms"
+    );
+    let mut total = UsageTotals {
+        key: "total".into(),
+        calls: 0,
+        failed_calls: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        cost_usd: 0.0,
+        mean_latency_ms: 0.0,
+    };
+    let mut latency_sum = 0.0;
+    for r in rows {
+        total.calls += r.calls;
+        total.failed_calls += r.failed_calls;
+        total.input_tokens += r.input_tokens;
+        total.output_tokens += r.output_tokens;
+        total.cost_usd += r.cost_usd;
+        latency_sum += r.mean_latency_ms * r.calls as f64;
+    }
+    total.mean_latency_ms = if total.calls > 0 { latency_sum / total.calls as f64 } else { 0.0 };
+    for r in rows.iter().chain(std::iter::once(&total)) {
+        out.push_str(&format!(
+            "{:<width$}  {:>7}  {:>6}  {:>12}  {:>12}  {:>11.4}  {:>10.1}\n",
+            r.key, r.calls, r.failed_calls, r.input_tokens, r.output_tokens, r.cost_usd, r.mean_latency_ms
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod gate;
 pub mod graph;
 pub mod label;
+pub mod launch;
 pub mod ledger;
 pub mod mock;
 pub mod model;

@@ -654,3 +654,30 @@ async fn stats_handler(State(state): State<Arc<MockState>>) -> Response {
     };
     axum::Json(counts).into_response()
 }
+
+/// Prompt → reference from a dataset file, for a mock teacher that answers like a competent
+/// one. Rows without a reference are skipped.
+pub fn answers_from_dataset(path: &std::path::Path) -> Result<std::collections::HashMap<String, String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let parsed = crate::dataset::parse_jsonl(&text).map_err(|errors| {
+        let first = errors.first().map(|e| format!("line {}: {}", e.line, e.message)).unwrap_or_default();
+        format!("{}: {} bad rows (first: {first})", path.display(), errors.len())
+    })?;
+    Ok(parsed
+        .examples
+        .into_iter()
+        .filter_map(|e| {
+            let prompt = e.messages.iter().rev().find(|m| m.role == "user")?.content.trim().to_string();
+            Some((prompt, e.reference?))
+        })
+        .collect())
+}
+
+/// Appends one line (newlines escaped) to a log file; best effort, for call counting.
+/// One `write` of the whole line on an O_APPEND file, so concurrent calls never interleave.
+pub fn append_line(path: &std::path::Path, line: &str) {
+    use std::io::Write;
+    if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = file.write_all(format!("{}\n", line.replace('\n', "\\n")).as_bytes());
+    }
+}

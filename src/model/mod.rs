@@ -1,6 +1,7 @@
 //! The student model: configuration, the differentiable decoder, LoRA, tokenization,
 //! loading/saving Hugging Face directories and tiny test fixtures.
 
+pub mod chat;
 pub mod config;
 pub mod fixture;
 pub mod loading;

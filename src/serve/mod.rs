@@ -5,6 +5,7 @@
 //! threads fed by a bounded queue: a full queue answers 503 with `Retry-After` instead of
 //! piling up requests. Bad requests get a 400 with an OpenAI-shaped error body.
 
+pub mod models;
 pub mod protocol;
 
 use axum::extract::State;

@@ -76,6 +76,24 @@ pub struct TargetSpec {
     pub api_key: Option<Secret>,
     pub base_url: Option<String>,
     pub pricing: Option<Pricing>,
+    /// A local server tangle starts when (and only when) a label is missing, and stops
+    /// when labeling ends. `base_url` says where it listens.
+    pub launch: Option<LaunchSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchSpec {
+    /// A shell command (`sh -c`) run in the spec's directory. `$TANGLE_EXE` is the running
+    /// tangle binary and `$TANGLE_PORT` the port of the target's `base_url`.
+    pub command: String,
+    /// Seconds to wait for the server to answer HTTP at `base_url` before giving up.
+    #[serde(default = "default_ready_timeout_s")]
+    pub ready_timeout_s: f64,
+}
+
+fn default_ready_timeout_s() -> f64 {
+    300.0
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -124,6 +142,10 @@ pub struct StudentSpec {
     /// counted.
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: u32,
+    /// The system prompt the student is trained, evaluated and served with. Defaults to the
+    /// teacher's: a fine-tuned student often needs no long instructions, and a shorter
+    /// prompt is cheaper to serve.
+    pub system: Option<String>,
 }
 
 fn default_device() -> String {

@@ -175,6 +175,25 @@ impl Checker<'_> {
             if let Some(p) = &target.pricing {
                 self.pricing(&format!("{path}.pricing"), p);
             }
+            if let Some(launch) = &target.launch {
+                if target.base_url.is_none() && target.provider != Provider::OpenaiCompatible {
+                    self.at_key(
+                        &format!("{path}.launch"),
+                        "missing-key",
+                        "a launched target needs a `base_url` to know where the server listens".into(),
+                        "add `base_url: http://127.0.0.1:8377/v1` with the port the command listens on",
+                    );
+                }
+                if launch.command.trim().is_empty() {
+                    self.at_value(
+                        &format!("{path}.launch.command"),
+                        "empty-value",
+                        "`launch.command` is empty".into(),
+                        "give the command that starts the server, e.g. `\"$TANGLE_EXE\" serve model.gguf --port $TANGLE_PORT`",
+                    );
+                }
+                self.range(&format!("{path}.launch.ready_timeout_s"), launch.ready_timeout_s, 0.0, 86_400.0, false);
+            }
         }
         if let Some(t) = teacher.params.temperature {
             self.range("teacher.params.temperature", t, 0.0, 2.0, true);

@@ -1,6 +1,6 @@
 //! The `dataset` and `split` stages.
 
-use super::{FingerprintContext, StageContext, StageError, StageExecutor, StageOutcome};
+use super::{stage_config, FingerprintContext, StageContext, StageError, StageExecutor, StageOutcome};
 use crate::dataset::{self, Example};
 use crate::fsutil;
 use crate::graph::Stage;
@@ -22,13 +22,8 @@ struct DatasetConfig {
     reference_column: String,
 }
 
-fn config<T: for<'de> Deserialize<'de>>(stage: &Stage) -> Result<T, StageError> {
-    serde_json::from_value(stage.config.clone())
-        .map_err(|e| StageError::Failed(format!("internal: bad config for `{}`: {e}", stage.name)))
-}
-
 fn dataset_path(stage: &Stage, spec_dir: &Path) -> Result<PathBuf, StageError> {
-    let c: DatasetConfig = config(stage)?;
+    let c: DatasetConfig = stage_config(stage)?;
     Ok(resolve_against(spec_dir, &c.path))
 }
 
@@ -48,7 +43,7 @@ impl StageExecutor for LoadExamples {
     }
 
     fn execute(&self, stage: &Stage, ctx: &StageContext) -> Result<StageOutcome, StageError> {
-        let c: DatasetConfig = config(stage)?;
+        let c: DatasetConfig = stage_config(stage)?;
         let path = resolve_against(&ctx.spec_dir, &c.path);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| StageError::io(format!("cannot read the dataset {}", path.display()), e))?;
@@ -98,7 +93,7 @@ impl StageExecutor for SplitExamples {
     }
 
     fn execute(&self, stage: &Stage, ctx: &StageContext) -> Result<StageOutcome, StageError> {
-        let c: SplitConfig = config(stage)?;
+        let c: SplitConfig = stage_config(stage)?;
         let input = ctx.require_input("examples")?;
         let examples = read_examples(&input.dir.join(EXAMPLES_FILE))?;
         let (train, eval) = dataset::split(&examples, c.eval_fraction, c.seed);

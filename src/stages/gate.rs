@@ -1,7 +1,7 @@
 //! The `gate` stage: evaluates the spec's clauses on the eval report and writes
 //! `decision.json`; a reject halts the pipeline (exit code 3).
 
-use super::{FingerprintContext, StageContext, StageError, StageExecutor, StageOutcome};
+use super::{stage_config, FingerprintContext, StageContext, StageError, StageExecutor, StageOutcome};
 use crate::gate::clause::{MetricRef, Subject};
 use crate::gate::{self, Decision};
 use crate::graph::Stage;
@@ -30,11 +30,6 @@ struct DeployedConfig {
 }
 
 pub struct GateStage;
-
-fn config(stage: &Stage) -> Result<GateConfig, StageError> {
-    serde_json::from_value(stage.config.clone())
-        .map_err(|e| StageError::Failed(format!("internal: bad config for `{}`: {e}", stage.name)))
-}
 
 /// The registry the deploy section names, or the default under the state directory.
 pub fn registry_dir(configured: Option<&str>, spec_dir: &Path, state_dir: &Path) -> PathBuf {
@@ -66,15 +61,25 @@ impl StageExecutor for GateStage {
         1
     }
 
-    /// The deployed version is part of the key: when the alias moves, the gate decides again.
+    /// When a clause reads a deployed version, that version is part of the key: when the
+    /// alias moves, the gate decides again. Gates that never look at the registry stay
+    /// cached after their own deploy.
     fn fingerprint(&self, stage: &Stage, ctx: &FingerprintContext) -> Result<Value, StageError> {
-        let c = config(stage)?;
+        let c: GateConfig = stage_config(stage)?;
+        let reads_registry = c.gate.require.iter().any(|text| {
+            crate::gate::clause::Clause::parse(text)
+                .map(|clause| clause.references().iter().any(|r| matches!(r.subject, Subject::Deployed(_))))
+                .unwrap_or(false)
+        });
+        if !reads_registry {
+            return Ok(Value::Null);
+        }
         let version = self.deployed(&c, &c.pipeline, ctx.spec_dir, ctx.state_dir)?.map(|(_, d)| d.version);
         Ok(json!({ "deployed_version": version }))
     }
 
     fn execute(&self, stage: &Stage, ctx: &StageContext) -> Result<StageOutcome, StageError> {
-        let c = config(stage)?;
+        let c: GateConfig = stage_config(stage)?;
         let input = ctx.require_input("report")?;
         let path = input.dir.join(REPORT_FILE);
         let bytes = std::fs::read(&path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))?;

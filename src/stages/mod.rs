@@ -7,9 +7,12 @@
 
 pub mod dataset;
 pub mod deploy;
+pub mod eval;
 pub mod gate;
+pub mod label;
 pub mod package;
 pub mod step;
+pub mod train;
 
 use crate::graph::{Stage, StageKind};
 use crate::runner::progress::StageProgress;
@@ -108,6 +111,12 @@ pub enum StageError {
     Stopped(String),
 }
 
+/// A stage's config (the graph's resolved JSON) as the executor's own type.
+pub(crate) fn stage_config<T: serde::de::DeserializeOwned>(stage: &Stage) -> Result<T, StageError> {
+    serde_json::from_value(stage.config.clone())
+        .map_err(|e| StageError::Failed(format!("internal: bad config for `{}`: {e}", stage.name)))
+}
+
 impl StageError {
     pub fn io(context: impl std::fmt::Display, error: std::io::Error) -> StageError {
         StageError::Failed(format!("{context}: {error}"))
@@ -125,6 +134,11 @@ impl CancelFlag {
     pub fn cancel(&self) {
         self.flag.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
+    }
+
+    /// The flag itself, for loops that poll it (the trainer).
+    pub fn as_atomic(&self) -> &AtomicBool {
+        &self.flag
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -155,6 +169,9 @@ impl Executors {
         e.insert(StageKind::Dataset, Arc::new(dataset::LoadExamples));
         e.insert(StageKind::Split, Arc::new(dataset::SplitExamples));
         e.insert(StageKind::Step, Arc::new(step::ShellStep));
+        e.insert(StageKind::Label, Arc::new(label::LabelStage));
+        e.insert(StageKind::Train, Arc::new(train::TrainStage));
+        e.insert(StageKind::Eval, Arc::new(eval::EvalStage));
         e.insert(StageKind::Gate, Arc::new(gate::GateStage));
         e.insert(StageKind::Package, Arc::new(package::PackageStage));
         e.insert(StageKind::Deploy, Arc::new(deploy::DeployStage));

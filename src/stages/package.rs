@@ -2,7 +2,7 @@
 //! Face-style model directory, a model card, and `manifest.json` with hashes and lineage —
 //! next to the eval report it was judged on.
 
-use super::{FingerprintContext, StageContext, StageError, StageExecutor, StageOutcome};
+use super::{stage_config, FingerprintContext, StageContext, StageError, StageExecutor, StageOutcome};
 use crate::artifact::{self, Lineage};
 use crate::fsutil;
 use crate::gate::{round, Decision};
@@ -30,11 +30,6 @@ struct PackageConfig {
 
 pub struct PackageStage;
 
-fn config(stage: &Stage) -> Result<PackageConfig, StageError> {
-    serde_json::from_value(stage.config.clone())
-        .map_err(|e| StageError::Failed(format!("internal: bad config for `{}`: {e}", stage.name)))
-}
-
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, StageError> {
     let bytes = std::fs::read(path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))?;
     serde_json::from_slice(&bytes).map_err(|e| StageError::Failed(format!("{} is damaged: {e}", path.display())))
@@ -46,7 +41,7 @@ impl StageExecutor for PackageStage {
     }
 
     fn fingerprint(&self, stage: &Stage, ctx: &FingerprintContext) -> Result<Value, StageError> {
-        let c = config(stage)?;
+        let c: PackageConfig = stage_config(stage)?;
         let path = resolve_against(ctx.spec_dir, &c.dataset);
         let hash =
             fsutil::sha256_file(&path).map_err(|e| StageError::io(format!("cannot read {}", path.display()), e))?;
@@ -54,7 +49,7 @@ impl StageExecutor for PackageStage {
     }
 
     fn execute(&self, stage: &Stage, ctx: &StageContext) -> Result<StageOutcome, StageError> {
-        let c = config(stage)?;
+        let c: PackageConfig = stage_config(stage)?;
         let model = ctx.require_input("model")?.dir.join(MODEL_DIR);
         if !model.join("config.json").is_file() {
             return Err(StageError::Failed(format!("the trained model at {} has no config.json", model.display())));

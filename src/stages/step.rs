@@ -4,7 +4,7 @@
 //! Ctrl-C stops everything it started. Its outputs are what it writes under `$TANGLE_OUT`;
 //! stdout and stderr go to `<run dir>/logs/<step>.log`.
 
-use super::{FingerprintContext, StageContext, StageError, StageExecutor, StageOutcome};
+use super::{stage_config, FingerprintContext, StageContext, StageError, StageExecutor, StageOutcome};
 use crate::fsutil;
 use crate::graph::Stage;
 use crate::spec::resolve_against;
@@ -27,11 +27,6 @@ pub struct ShellStep;
 /// How long a step gets to exit after SIGTERM before it is killed.
 const TERMINATE_GRACE: Duration = Duration::from_secs(5);
 
-fn config(stage: &Stage) -> Result<StepConfig, StageError> {
-    serde_json::from_value(stage.config.clone())
-        .map_err(|e| StageError::Failed(format!("internal: bad config for `{}`: {e}", stage.name)))
-}
-
 /// `needs: [label-train]` → `TANGLE_INPUT_LABEL_TRAIN`.
 pub fn input_variable(stage: &str) -> String {
     let name: String =
@@ -45,7 +40,7 @@ impl StageExecutor for ShellStep {
     }
 
     fn fingerprint(&self, stage: &Stage, ctx: &FingerprintContext) -> Result<Value, StageError> {
-        let c = config(stage)?;
+        let c: StepConfig = stage_config(stage)?;
         let mut hashes = BTreeMap::new();
         for input in &c.inputs {
             let path = resolve_against(ctx.spec_dir, input);
@@ -68,7 +63,7 @@ impl StageExecutor for ShellStep {
     }
 
     fn execute(&self, stage: &Stage, ctx: &StageContext) -> Result<StageOutcome, StageError> {
-        let c = config(stage)?;
+        let c: StepConfig = stage_config(stage)?;
         let log_dir = ctx.run_dir.join("logs");
         std::fs::create_dir_all(&log_dir).map_err(|e| StageError::io("cannot create the log directory", e))?;
         let log_path = log_dir.join(format!("{}.log", stage.name));

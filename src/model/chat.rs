@@ -1,0 +1,193 @@
+//! Chat inference with a (trained) student directory: ChatML prompts, greedy or seeded
+//! sampling with a KV cache, text streamed as it completes. Used by the eval stage and by
+//! `tangle serve`, so both produce the same text for the same request.
+
+use super::loading::{load_model, FinetuneMode, LoadError, LoadedModel};
+use super::qwen::{KvCache, QwenModel};
+use super::tokenizer::{ChatTokenizer, END_OF_TEXT, IM_END, IM_START};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Written next to an exported student: what the model was trained with and must be
+/// prompted with.
+pub const STUDENT_META_FILE: &str = "tangle_student.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StudentMeta {
+    /// The system prompt used in training; applied when a request brings none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    pub max_seq_len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Stopped by the token limit rather than an end token or stop string.
+    pub hit_limit: bool,
+}
+
+pub struct StudentChat {
+    model: QwenModel,
+    tokenizer: ChatTokenizer,
+    stop_ids: Vec<u32>,
+    pub meta: StudentMeta,
+}
+
+/// ChatML text for a conversation, ending with the assistant's turn opened.
+pub fn render_chatml(messages: &[(String, String)]) -> String {
+    let mut text = String::new();
+    for (role, content) in messages {
+        text.push_str(&format!("{IM_START}{role}\n{content}{IM_END}\n"));
+    }
+    text.push_str(&format!("{IM_START}assistant\n"));
+    text
+}
+
+impl StudentChat {
+    pub fn load(source: &str, device: &Device) -> Result<StudentChat, LoadError> {
+        let LoadedModel { model, tokenizer, dir, config, .. } = load_model(source, &FinetuneMode::Frozen, 0, device)?;
+        let meta_path = dir.join(STUDENT_META_FILE);
+        let meta = match std::fs::read_to_string(&meta_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| LoadError::Read { path: meta_path.display().to_string(), message: e.to_string() })?,
+            Err(_) => StudentMeta { system: None, max_seq_len: config.max_positions() },
+        };
+        Ok(Self::new(model, tokenizer, meta))
+    }
+
+    pub fn new(model: QwenModel, tokenizer: ChatTokenizer, meta: StudentMeta) -> StudentChat {
+        let mut stop_ids = vec![tokenizer.im_end_id()];
+        if let Some(eot) = tokenizer.inner().token_to_id(END_OF_TEXT) {
+            stop_ids.push(eot);
+        }
+        StudentChat { model, tokenizer, stop_ids, meta }
+    }
+
+    pub fn model(&self) -> &QwenModel {
+        &self.model
+    }
+
+    /// The messages with the trained system prompt added when they have none.
+    pub fn with_default_system(&self, messages: &[(String, String)]) -> Vec<(String, String)> {
+        let mut out = Vec::with_capacity(messages.len() + 1);
+        if let (Some(system), false) = (&self.meta.system, messages.iter().any(|(r, _)| r == "system")) {
+            out.push(("system".to_string(), system.clone()));
+        }
+        out.extend(messages.iter().cloned());
+        out
+    }
+
+    /// Generates a reply. `on_text` gets each new piece of complete UTF-8 text and returns
+    /// `false` to stop early.
+    pub fn complete(
+        &self,
+        messages: &[(String, String)],
+        max_new_tokens: usize,
+        sampling: Sampling,
+        stop: &[String],
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Completion, LoadError> {
+        let prompt = self.tokenizer.encode(&render_chatml(messages))?;
+        let max_positions = self.model.config().max_positions();
+        if prompt.len() >= max_positions {
+            return Err(LoadError::Model(super::qwen::ModelError::TooLong { len: prompt.len(), max: max_positions }));
+        }
+        let budget = max_new_tokens.min(max_positions - prompt.len());
+        let device = self.model.device().clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
+        let mut cache = KvCache::new();
+        let mut input = Tensor::from_slice(&prompt, (1, prompt.len()), &device)?;
+        let mut generated: Vec<u32> = Vec::new();
+        let mut emitted = 0usize;
+        let mut text = String::new();
+        let mut hit_limit = true;
+        for _ in 0..budget {
+            let logits = self.model.forward_cached(&input, &mut cache)?;
+            let last = logits.dim(1)? - 1;
+            let row = logits.get(0)?.get(last)?;
+            let next = if sampling.temperature <= 0.0 {
+                row.argmax(0)?.to_scalar::<u32>()?
+            } else {
+                sample(&row.to_vec1::<f32>()?, sampling.temperature, sampling.top_p, &mut rng)
+            };
+            if self.stop_ids.contains(&next) {
+                hit_limit = false;
+                break;
+            }
+            generated.push(next);
+            text = self.tokenizer.decode(&generated, true)?;
+            if let Some(cut) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+                if cut > emitted {
+                    on_text(&text[emitted..]);
+                }
+                emitted = text.len();
+                hit_limit = false;
+                break;
+            }
+            // A multi-byte character split across tokens decodes to U+FFFD until complete.
+            if !text.ends_with('\u{FFFD}') && text.len() > emitted {
+                if !on_text(&text[emitted..]) {
+                    hit_limit = false;
+                    break;
+                }
+                emitted = text.len();
+            }
+            input = Tensor::from_slice(&[next], (1, 1), &device)?;
+        }
+        if text.len() > emitted {
+            on_text(&text[emitted..]);
+        }
+        Ok(Completion { text, prompt_tokens: prompt.len(), completion_tokens: generated.len(), hit_limit })
+    }
+}
+
+/// Samples from softmax(logits / temperature), restricted to the top-p nucleus.
+fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl Rng) -> u32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f32)> =
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / temperature).exp())).collect();
+    let total: f32 = probs.iter().map(|p| p.1).sum();
+    probs.iter_mut().for_each(|p| p.1 /= total);
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut kept = 0f32;
+    let mut cut = probs.len();
+    for (i, p) in probs.iter().enumerate() {
+        kept += p.1;
+        if kept >= top_p.clamp(0.0, 1.0) {
+            cut = i + 1;
+            break;
+        }
+    }
+    let nucleus = &probs[..cut];
+    let mass: f32 = nucleus.iter().map(|p| p.1).sum();
+    let mut draw = rng.random::<f32>() * mass;
+    for p in nucleus {
+        draw -= p.1;
+        if draw <= 0.0 {
+            return p.0;
+        }
+    }
+    nucleus.last().map(|p| p.0).unwrap_or(0)
+}
+
+pub fn load_student(dir: &Path, device: &Device) -> Result<StudentChat, LoadError> {
+    StudentChat::load(&dir.display().to_string(), device)
+}
