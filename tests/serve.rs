@@ -1,0 +1,216 @@
+//! Artifacts and `tangle serve`: a trained tiny model's artifact reloads through our loader
+//! and through candle-transformers' Qwen2 with identical greedy outputs; a tampered file is
+//! refused; the HTTP server (JSON and SSE) returns exactly the in-process generation; the
+//! official `openai` Python package completes chats against it, streaming too.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tangle::artifact::{self, Lineage};
+use tangle::model::chat::{Sampling, StudentChat, StudentMeta, STUDENT_META_FILE};
+use tangle::model::config::ModelFamily;
+use tangle::model::fixture::{write_tiny_model, FixtureSpec};
+use tangle::model::loading::{load_model, load_weights, save_model_dir, FinetuneMode};
+use tangle::model::tokenizer::ChatExample;
+use tangle::serve::models::{load, ModelLocation, StudentChatModel};
+use tangle::serve::{router, ServeOptions};
+use tangle::train::{TrainConfig, TrainExample, Trainer};
+
+const PROMPTS: [&str; 3] = ["label apple", "label river", "copy the word stone"];
+
+/// Trains a tiny Qwen2 a few steps and packages it as an artifact; returns its directory.
+fn trained_artifact(root: &Path) -> PathBuf {
+    let base = root.join("base");
+    write_tiny_model(&base, &FixtureSpec::tiny(ModelFamily::Qwen2, 11)).unwrap();
+    let loaded = load_model(base.to_str().unwrap(), &FinetuneMode::Full, 1, &Device::Cpu).unwrap();
+    let examples: Vec<TrainExample> = [("label apple", "A"), ("label river", "B")]
+        .iter()
+        .map(|(p, t)| TrainExample {
+            chat: ChatExample { system: Some("Be brief.".into()), prompt: p.to_string(), target: t.to_string() },
+            teacher: None,
+        })
+        .collect();
+    let config = TrainConfig { epochs: 20, batch_size: 2, lr: 1e-2, ..TrainConfig::default() };
+    let mut trainer = Trainer::new(loaded.model, &loaded.trainable, loaded.tokenizer, &examples, config).unwrap();
+    trainer.train(&mut |_| {}, &AtomicBool::new(false)).unwrap();
+    let dir = root.join("artifact");
+    save_model_dir(trainer.model(), trainer.tokenizer(), &dir, None).unwrap();
+    let meta = StudentMeta { system: Some("Be brief.".into()), max_seq_len: 128 };
+    std::fs::write(dir.join(STUDENT_META_FILE), serde_json::to_string(&meta).unwrap()).unwrap();
+    let lineage = Lineage {
+        pipeline: "serve-test".into(),
+        run_id: "r".into(),
+        tangle_version: "test".into(),
+        created_at: "2026-01-01T00:00:00Z".into(),
+        spec_sha256: "0".into(),
+        dataset_sha256: "0".into(),
+        base_model: "fixture".into(),
+        teacher: vec![],
+    };
+    artifact::write_manifest(&dir, lineage).unwrap();
+    dir
+}
+
+fn messages(prompt: &str) -> Vec<(String, String)> {
+    vec![("system".into(), "Be brief.".into()), ("user".into(), prompt.into())]
+}
+
+/// Greedy ids from candle-transformers' own Qwen2 with its KV cache.
+fn reference_greedy(dir: &Path, prompt_ids: &[u32], max_new: usize, stop: u32) -> Vec<u32> {
+    let device = Device::Cpu;
+    let cfg: candle_transformers::models::qwen2::Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let vb = VarBuilder::from_tensors(load_weights(dir, &device).unwrap(), DType::F32, &device);
+    let mut model = candle_transformers::models::qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
+    let mut out = Vec::new();
+    let mut input = Tensor::new(prompt_ids, &device).unwrap().unsqueeze(0).unwrap();
+    let mut offset = 0;
+    for _ in 0..max_new {
+        let logits = model.forward(&input, offset).unwrap();
+        offset += input.dim(1).unwrap();
+        let next = logits.squeeze(0).unwrap().squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        if next == stop {
+            break;
+        }
+        out.push(next);
+        input = Tensor::new(&[next], &device).unwrap().unsqueeze(0).unwrap();
+    }
+    out
+}
+
+#[test]
+fn artifact_reloads_identically_through_both_loaders_and_tampering_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = trained_artifact(root.path());
+    let chat = StudentChat::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let loaded = load_model(dir.to_str().unwrap(), &FinetuneMode::Frozen, 0, &Device::Cpu).unwrap();
+    let stop = loaded.tokenizer.im_end_id();
+    let mut compared = 0;
+    for prompt in PROMPTS {
+        let ids = loaded.tokenizer.encode(&tangle::model::chat::render_chatml(&messages(prompt))).unwrap();
+        let ours = chat.complete(&messages(prompt), 12, Sampling::GREEDY, &[], &mut |_| true).unwrap();
+        let theirs = reference_greedy(&dir, &ids, 12, stop);
+        let theirs_text = loaded.tokenizer.decode(&theirs, true).unwrap();
+        assert_eq!(ours.text, theirs_text, "prompt {prompt:?}");
+        assert_eq!(ours.completion_tokens, theirs.len());
+        compared += theirs.len();
+    }
+    assert!(compared > 0, "nothing was generated to compare");
+
+    // Verified before loading; one flipped byte is named in the refusal.
+    let location = ModelLocation::Artifact { dir: dir.clone(), id: "serve-test".into() };
+    assert!(load(&location, "cpu").is_ok());
+    let weights = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&weights, bytes).unwrap();
+    let error = load(&location, "cpu").err().expect("a tampered artifact must be refused");
+    assert!(error.contains("refusing") && error.contains("model.safetensors"), "{error}");
+}
+
+struct Server {
+    base_url: String,
+    expected: Vec<(String, String)>,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn start_server() -> (tempfile::TempDir, Server) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = trained_artifact(root.path());
+    // In-process generations are the expectation for every HTTP answer.
+    let chat = StudentChat::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let expected = PROMPTS
+        .iter()
+        .map(|p| {
+            let text = chat.complete(&messages(p), 16, Sampling::GREEDY, &[], &mut |_| true).unwrap().text;
+            (p.to_string(), text)
+        })
+        .collect();
+    let model =
+        Arc::new(StudentChatModel::new("tiny", StudentChat::load(dir.to_str().unwrap(), &Device::Cpu).unwrap()));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let app = router(model, ServeOptions { workers: 2, queue: 16, default_max_tokens: 16 });
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await });
+    (root, Server { base_url: format!("http://{addr}/v1"), expected, _rt: rt })
+}
+
+#[test]
+fn http_answers_equal_in_process_generation_json_and_sse() {
+    let (_root, server) = start_server();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        for (prompt, expected) in &server.expected {
+            let body = serde_json::json!({
+                "model": "tiny",
+                "messages": [{ "role": "system", "content": "Be brief." }, { "role": "user", "content": prompt }],
+                "max_tokens": 16,
+                "temperature": 0,
+            });
+            let url = format!("{}/chat/completions", server.base_url);
+            let json: serde_json::Value = client.post(&url).json(&body).send().await.unwrap().json().await.unwrap();
+            assert_eq!(json["choices"][0]["message"]["content"].as_str().unwrap(), expected, "{json:#}");
+            assert!(json["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+            let mut streaming = body.clone();
+            streaming["stream"] = true.into();
+            streaming["stream_options"] = serde_json::json!({ "include_usage": true });
+            let sse = client.post(&url).json(&streaming).send().await.unwrap().text().await.unwrap();
+            let mut text = String::new();
+            let mut saw_usage = false;
+            for data in sse.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                if data == "[DONE]" {
+                    break;
+                }
+                let chunk: serde_json::Value = serde_json::from_str(data).unwrap();
+                if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+                    text.push_str(piece);
+                }
+                saw_usage |= chunk["usage"]["completion_tokens"].is_u64();
+            }
+            assert_eq!(&text, expected);
+            assert!(saw_usage, "stream_options.include_usage was ignored");
+        }
+    });
+}
+
+/// The official client, unchanged, in CI. Outside CI a machine without it skips loudly.
+#[test]
+fn official_openai_python_client_completes_chats() {
+    let has_client = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !has_client {
+        assert!(std::env::var("CI").is_err(), "CI must install the `openai` Python package (.ci/run does)");
+        eprintln!("SKIPPED: python3 with the `openai` package is not installed (pip install openai)");
+        return;
+    }
+    let (_root, server) = start_server();
+    let (prompt, expected) = &server.expected[0];
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="unused")
+messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": sys.argv[2]}]
+full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+streamed = "".join(
+    (chunk.choices[0].delta.content or "")
+    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0, stream=True)
+    if chunk.choices
+)
+print(repr(full.choices[0].message.content))
+print(repr(streamed))
+"#;
+    let output = std::process::Command::new("python3").args(["-c", script, &server.base_url, prompt]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    let python_repr = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
+    assert_eq!(lines, vec![python_repr(expected), python_repr(expected)]);
+}
