@@ -41,16 +41,134 @@ fn workspace(rows: usize) -> Workspace {
     Workspace { _tmp: tmp, dir, port: free_port() }
 }
 
-fn run(ws: &Workspace) -> Output {
-    let output = tangle()
-        .current_dir(&ws.dir)
+fn command(ws: &Workspace, env: &[(&str, &str)]) -> std::process::Command {
+    let mut cmd = tangle();
+    cmd.current_dir(&ws.dir)
         .args(["run", "pipeline.yaml", "--no-progress"])
         .env("TANGLE_E2E_PORT", ws.port.to_string())
-        .env("TANGLE_E2E_STUDENT", "student")
-        .output()
-        .unwrap();
+        .env("TANGLE_E2E_STUDENT", "student");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn run_with(ws: &Workspace, env: &[(&str, &str)]) -> Output {
+    let output = command(ws, env).output().unwrap();
     common::assert_no_secret(&output);
     output
+}
+
+fn run(ws: &Workspace) -> Output {
+    run_with(ws, &[])
+}
+
+/// Starts a run, signals it after `after`, and returns its exit code and stderr.
+fn interrupt(ws: &Workspace, env: &[(&str, &str)], after: std::time::Duration, signal: i32) -> (Option<i32>, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let child = command(ws, env).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(after);
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let output = child.wait_with_output().unwrap();
+    common::assert_no_secret(&output);
+    let code = output.status.code().or(output.status.signal().map(|s| 128 + s));
+    (code, text(&output.stderr))
+}
+
+fn duplicates(lines: &[String]) -> usize {
+    lines.len() - lines.iter().collect::<HashSet<_>>().len()
+}
+
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Budget stop (exit 4), Ctrl-C (exit 130) and kill -9 during labeling, each resumed: paid
+/// answers are never bought twice, except calls in flight at a kill -9 (at most the
+/// concurrency, 8), and the launched teacher never outlives tangle.
+#[test]
+fn labeling_survives_budget_stop_ctrl_c_and_kill_9() {
+    let ws = workspace(96);
+    let slow = [("TANGLE_E2E_TEACHER_MS", "250")];
+
+    let budget = run_with(&ws, &[("TANGLE_E2E_TEACHER_MS", "250"), ("TANGLE_E2E_BUDGET_USD", "0.0006")]);
+    let stderr = text(&budget.stderr);
+    assert_eq!(budget.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("raise `teacher.budget`"), "{stderr}");
+    let after_budget = calls(&ws);
+    assert!(!after_budget.is_empty() && after_budget.len() < 96, "{} calls", after_budget.len());
+    assert_eq!(duplicates(&after_budget), 0);
+
+    let (code, stderr) = interrupt(&ws, &slow, std::time::Duration::from_millis(1500), libc::SIGINT);
+    assert_eq!(code, Some(130), "{stderr}");
+    let after_ctrl_c = calls(&ws);
+    assert!(after_ctrl_c.len() > after_budget.len(), "no progress before Ctrl-C:\n{stderr}");
+    assert_eq!(duplicates(&after_ctrl_c), 0, "Ctrl-C journals what is in flight");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(port_is_free(ws.port), "the teacher server outlived Ctrl-C");
+
+    let (code, _) = interrupt(&ws, &slow, std::time::Duration::from_millis(1200), libc::SIGKILL);
+    assert_eq!(code, Some(128 + libc::SIGKILL));
+    // The launched server notices its launcher is gone (it polls every 0.5 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !port_is_free(ws.port) {
+        assert!(std::time::Instant::now() < deadline, "the teacher server outlived kill -9 of tangle");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let after_kill = calls(&ws);
+
+    let last = run(&ws);
+    assert_eq!(last.status.code(), Some(0), "{}", text(&last.stderr));
+    let all = calls(&ws);
+    let in_flight_at_kill = duplicates(&all);
+    eprintln!(
+        "teacher calls: {} for 96 prompts; re-sent after kill -9: {in_flight_at_kill} (labeled before the kill: {})",
+        all.len(),
+        after_kill.len()
+    );
+    assert!(in_flight_at_kill <= 8, "more re-sent calls than the concurrency: {in_flight_at_kill}");
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 96);
+
+    // The ledger saw every call; the usage report shows both stages and no secret.
+    let usage = tangle().current_dir(&ws.dir).args(["usage", "--json"]).output().unwrap();
+    assert!(usage.status.success(), "{}", text(&usage.stderr));
+    common::assert_no_secret(&usage);
+    let doc: Value = serde_json::from_slice(&usage.stdout).unwrap();
+    let by_stage = doc["by_stage"].as_array().unwrap();
+    let stage_names: HashSet<&str> = by_stage.iter().map(|r| r["key"].as_str().unwrap()).collect();
+    assert_eq!(stage_names, HashSet::from(["label-train", "label-eval"]));
+    let ok_calls: u64 =
+        by_stage.iter().map(|r| r["calls"].as_u64().unwrap() - r["failed_calls"].as_u64().unwrap()).sum();
+    assert!(ok_calls >= 96, "{doc:#}");
+    let table = tangle().current_dir(&ws.dir).args(["usage", "--by", "target"]).output().unwrap();
+    assert!(text(&table.stdout).contains("total"), "{}", text(&table.stdout));
+
+    // The key reached the teacher but no file tangle wrote.
+    for file in walk(&ws.dir) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(common::TEST_SECRET),
+            "the API key leaked into {}",
+            file.display()
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_symlink() {
+            continue;
+        }
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
 
 fn read_json(path: &Path) -> Value {
