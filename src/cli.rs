@@ -381,6 +381,9 @@ fn run_command(args: &RunArgs) -> Exit {
     if exit == Exit::Interrupted {
         eprintln!("run the same command again to resume");
     }
+    if !args.quiet {
+        print_next_steps(record, &summary.run_dir, &args.spec);
+    }
     if args.json {
         let mut doc = serde_json::to_value(record).unwrap_or_default();
         doc["run_dir"] = summary.run_dir.display().to_string().into();
@@ -679,4 +682,45 @@ fn mock_teacher_command(args: &MockTeacherArgs) -> Exit {
             Exit::Runtime
         }
     }
+}
+
+/// After a pipeline with a gate: the decision, where its evidence is, and what to try next.
+fn print_next_steps(record: &crate::runner::record::RunRecord, run_dir: &Path, spec: &Path) {
+    let stage = |name: &str| record.stages.iter().find(|s| s.name == name && s.state.is_complete());
+    let Some(gate) = stage("gate") else { return };
+    let decision = gate.summary.get("decision").and_then(|d| d.as_str()).unwrap_or("?");
+    eprintln!("\ndecision: {decision} (see {})", run_dir.join("gate").join("decision.json").display());
+    if let Ok(text) = std::fs::read_to_string(run_dir.join("gate").join("decision.json")) {
+        if let Ok(d) = serde_json::from_str::<crate::gate::Decision>(&text) {
+            for c in &d.clauses {
+                let mark = if c.pass { "pass" } else { "FAIL" };
+                eprintln!(
+                    "  {mark}  {}  ({:.4} {} {:.4})",
+                    c.clause,
+                    c.lhs.unwrap_or(f64::NAN),
+                    c.op,
+                    c.rhs.unwrap_or(f64::NAN)
+                );
+            }
+        }
+    }
+    eprintln!("report:   {}", run_dir.join("eval-student").join("report.md").display());
+    if stage("package").is_some() {
+        eprintln!("artifact: {}", run_dir.join("package").join("artifact").display());
+    }
+    let deployed = stage("deploy").and_then(|d| d.summary.get("version").and_then(|v| v.as_str()).map(str::to_string));
+    eprintln!("\nnext:");
+    eprintln!(
+        "  tangle diff {} {}   # compare with another run's report",
+        run_dir.join("eval-student").display(),
+        "<other-run>/eval-student"
+    );
+    if let Some(version) = deployed {
+        eprintln!(
+            "  tangle serve production          # serve {} ({version}) at http://127.0.0.1:8080/v1",
+            record.pipeline
+        );
+    }
+    eprintln!("  tangle graph {}", spec.display());
+    eprintln!("  tangle usage                     # what the teacher cost");
 }

@@ -111,52 +111,97 @@ impl StudentChat {
         }
         let budget = max_new_tokens.min(max_positions - prompt.len());
         let device = self.model.device().clone();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
         let mut cache = KvCache::new();
-        let mut input = Tensor::from_slice(&prompt, (1, prompt.len()), &device)?;
-        let mut generated: Vec<u32> = Vec::new();
-        let mut emitted = 0usize;
-        let mut text = String::new();
-        let mut hit_limit = true;
-        for _ in 0..budget {
-            let logits = self.model.forward_cached(&input, &mut cache)?;
-            let last = logits.dim(1)? - 1;
-            let row = logits.get(0)?.get(last)?;
-            let next = if sampling.temperature <= 0.0 {
-                row.argmax(0)?.to_scalar::<u32>()?
-            } else {
-                sample(&row.to_vec1::<f32>()?, sampling.temperature, sampling.top_p, &mut rng)
-            };
-            if self.stop_ids.contains(&next) {
-                hit_limit = false;
-                break;
-            }
-            generated.push(next);
-            text = self.tokenizer.decode(&generated, true)?;
-            if let Some(cut) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(cut);
-                if cut > emitted {
-                    on_text(&text[emitted..]);
-                }
-                emitted = text.len();
-                hit_limit = false;
-                break;
-            }
-            // A multi-byte character split across tokens decodes to U+FFFD until complete.
-            if !text.ends_with('\u{FFFD}') && text.len() > emitted {
-                if !on_text(&text[emitted..]) {
-                    hit_limit = false;
-                    break;
-                }
-                emitted = text.len();
-            }
-            input = Tensor::from_slice(&[next], (1, 1), &device)?;
-        }
-        if text.len() > emitted {
-            on_text(&text[emitted..]);
-        }
-        Ok(Completion { text, prompt_tokens: prompt.len(), completion_tokens: generated.len(), hit_limit })
+        let mut step = |ids: &[u32]| -> candle_core::Result<Vec<f32>> {
+            let input = Tensor::from_slice(ids, (1, ids.len()), &device)?;
+            let logits = self
+                .model
+                .forward_cached_last(&input, &mut cache)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            logits.get(0)?.to_vec1::<f32>()
+        };
+        Ok(decode(self.tokenizer.inner(), &self.stop_ids, &prompt, budget, sampling, stop, on_text, &mut step)?)
     }
+}
+
+/// The generation loop shared by every model tangle serves: `step` feeds token ids (the
+/// prompt first, then one token at a time) and returns the last position's logits. Text is
+/// streamed to `on_text` only as complete UTF-8; stop strings are cut from the text.
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    tokenizer: &tokenizers::Tokenizer,
+    stop_ids: &[u32],
+    prompt: &[u32],
+    max_new_tokens: usize,
+    sampling: Sampling,
+    stop: &[String],
+    on_text: &mut dyn FnMut(&str) -> bool,
+    step: &mut dyn FnMut(&[u32]) -> candle_core::Result<Vec<f32>>,
+) -> Result<Completion, DecodeError> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
+    let mut generated: Vec<u32> = Vec::new();
+    let mut emitted = 0usize;
+    let mut text = String::new();
+    let mut hit_limit = true;
+    let mut input: Vec<u32> = prompt.to_vec();
+    for _ in 0..max_new_tokens {
+        let logits = step(&input)?;
+        let next = if sampling.temperature <= 0.0 {
+            argmax(&logits)
+        } else {
+            sample(&logits, sampling.temperature, sampling.top_p, &mut rng)
+        };
+        if stop_ids.contains(&next) {
+            hit_limit = false;
+            break;
+        }
+        generated.push(next);
+        text = tokenizer.decode(&generated, true).map_err(|e| DecodeError::Tokenizer(e.to_string()))?;
+        if let Some(cut) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
+            if cut > emitted {
+                on_text(&text[emitted..]);
+            }
+            emitted = text.len();
+            hit_limit = false;
+            break;
+        }
+        // A multi-byte character split across tokens decodes to U+FFFD until complete.
+        if !text.ends_with('\u{FFFD}') && text.len() > emitted {
+            if !on_text(&text[emitted..]) {
+                hit_limit = false;
+                break;
+            }
+            emitted = text.len();
+        }
+        input = vec![next];
+    }
+    if text.len() > emitted {
+        on_text(&text[emitted..]);
+    }
+    Ok(Completion { text, prompt_tokens: prompt.len(), completion_tokens: generated.len(), hit_limit })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+impl From<DecodeError> for LoadError {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::Candle(c) => LoadError::Candle(c),
+            DecodeError::Tokenizer(m) => LoadError::Tokenizer(super::tokenizer::TokenizerError::Encode(m)),
+        }
+    }
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best }).0
+        as u32
 }
 
 /// Samples from softmax(logits / temperature), restricted to the top-p nucleus.

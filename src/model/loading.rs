@@ -78,6 +78,10 @@ pub fn resolve_model_dir(source: &str) -> Result<PathBuf, LoadError> {
     if local.is_dir() {
         return Ok(local.to_path_buf());
     }
+    if local.is_file() && source.to_ascii_lowercase().ends_with(".gguf") {
+        return super::gguf_import::converted_dir(local)
+            .map_err(|e| LoadError::Read { path: source.to_string(), message: e.to_string() });
+    }
     let cache = hf_hub::Cache::from_env();
     if is_truthy("HF_HUB_OFFLINE") {
         let repo = cache.model(source.to_string());

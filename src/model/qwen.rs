@@ -603,6 +603,16 @@ impl QwenModel {
         Ok(self.project_vocab(&hidden)?.reshape((b, t, self.config.vocab_size))?)
     }
 
+    /// Like [`QwenModel::forward_cached`], but projects only the last position onto the
+    /// vocabulary (b, vocab): a prompt's other positions need no logits when generating.
+    pub fn forward_cached_last(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let offset = cache.len;
+        let hidden = self.layers_forward(input_ids, offset, None, Some(cache), None)?;
+        let last = hidden.reshape((b, t, ()))?.narrow(1, t - 1, 1)?.contiguous()?;
+        Ok(self.project_vocab(&last)?.reshape((b, self.config.vocab_size))?)
+    }
+
     /// Greedy decoding of up to `max_new_tokens` after `prompt`, stopping after any of
     /// `stop_ids` (which is included in the output).
     pub fn generate_greedy(&self, prompt: &[u32], max_new_tokens: usize, stop_ids: &[u32]) -> Result<Vec<u32>> {

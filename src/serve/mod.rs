@@ -5,8 +5,10 @@
 //! threads fed by a bounded queue: a full queue answers 503 with `Retry-After` instead of
 //! piling up requests. Bad requests get a 400 with an OpenAI-shaped error body.
 
+pub mod gguf_model;
 pub mod models;
 pub mod protocol;
+pub mod quantized_qwen;
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};

@@ -31,9 +31,14 @@ struct TrainStageConfig {
 
 pub struct TrainStage;
 
-/// The system prompt the student learns with: its own, else the teacher's.
+/// The system prompt the student learns with: its own (`""` for none), else the teacher's.
 pub fn student_system(student: &StudentSpec, teacher_system: Option<&str>) -> Option<String> {
-    student.system.clone().or(teacher_system.map(str::to_string))
+    match student.system.as_deref() {
+        // An empty prompt means none at all: the cheapest to serve.
+        Some("") => None,
+        Some(own) => Some(own.to_string()),
+        None => teacher_system.map(str::to_string),
+    }
 }
 
 /// The user turn of an example (several user turns are joined: the student is trained on

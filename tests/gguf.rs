@@ -1,0 +1,218 @@
+//! GGUF students and the GGUF teacher server, on tiny GGUF files written here: the GGUF →
+//! Hugging Face conversion gives the same logits as candle-transformers' quantized Qwen2 and
+//! as our serving decoder; the tokenizer rebuilt from GGUF metadata round-trips text and
+//! keeps ChatML tokens whole; system-prompt KV reuse changes no output; bad files are
+//! refused with the file and the reason.
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+use tangle::model::config::ModelFamily;
+use tangle::model::fixture::{fixture_config, random_weights, tokenizer_json, FixtureSpec};
+use tangle::model::gguf_import;
+use tangle::model::loading::{load_model, FinetuneMode};
+use tangle::serve::gguf_model::GgufChatModel;
+use tangle::serve::quantized_qwen::QuantizedQwen2;
+use tangle::serve::{ChatModel, GenerateRequest, Message};
+
+const HF_TO_GGUF: [(&str, &str); 12] = [
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+];
+
+/// Writes a tiny Qwen2 GGUF from fixture weights; matrices in `matrix_dtype`.
+fn write_gguf(path: &Path, matrix_dtype: GgmlDType, arch: &str, drop_tensor: Option<&str>) {
+    let mut spec = FixtureSpec::tiny(ModelFamily::Qwen2, 5);
+    spec.tie_word_embeddings = false;
+    let config = fixture_config(&spec);
+    let weights = random_weights(&config, spec.init_std, spec.seed, &Device::Cpu).unwrap();
+    let mut named: Vec<(String, Tensor)> = vec![
+        ("token_embd.weight".into(), weights["model.embed_tokens.weight"].clone()),
+        ("output_norm.weight".into(), weights["model.norm.weight"].clone()),
+        ("output.weight".into(), weights["lm_head.weight"].clone()),
+    ];
+    for i in 0..config.num_hidden_layers {
+        for (hf, gg) in HF_TO_GGUF {
+            named.push((format!("blk.{i}.{gg}"), weights[&format!("model.layers.{i}.{hf}")].clone()));
+        }
+    }
+    let tensors: Vec<(String, QTensor)> = named
+        .into_iter()
+        .filter(|(name, _)| Some(name.as_str()) != drop_tensor)
+        .map(|(name, t)| {
+            let dtype = if t.rank() == 2 { matrix_dtype } else { GgmlDType::F32 };
+            (name, QTensor::quantize(&t, dtype).unwrap())
+        })
+        .collect();
+
+    let (tokenizer, _) = tokenizer_json();
+    let vocab = tokenizer["model"]["vocab"].as_object().unwrap();
+    let mut tokens: Vec<(usize, String, i32)> =
+        vocab.iter().map(|(t, id)| (id.as_u64().unwrap() as usize, t.clone(), 1)).collect();
+    for added in tokenizer["added_tokens"].as_array().unwrap() {
+        tokens.push((added["id"].as_u64().unwrap() as usize, added["content"].as_str().unwrap().into(), 3));
+    }
+    tokens.sort();
+    // The embedding matrix is padded past the tokenizer, as Qwen's is.
+    while tokens.len() < config.vocab_size {
+        tokens.push((tokens.len(), format!("<|pad_{}|>", tokens.len()), 3));
+    }
+    let merges: Vec<gguf_file::Value> = tokenizer["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| gguf_file::Value::String(m.as_str().unwrap().into()))
+        .collect();
+    use gguf_file::Value as V;
+    let eos = tokens.iter().find(|t| t.1 == "<|im_end|>").unwrap().0 as u32;
+    let metadata: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String(arch.into())),
+        ("qwen2.block_count", V::U32(config.num_hidden_layers as u32)),
+        ("qwen2.context_length", V::U32(256)),
+        ("qwen2.embedding_length", V::U32(config.hidden_size as u32)),
+        ("qwen2.feed_forward_length", V::U32(config.intermediate_size as u32)),
+        ("qwen2.attention.head_count", V::U32(config.num_attention_heads as u32)),
+        ("qwen2.attention.head_count_kv", V::U32(config.num_kv_heads() as u32)),
+        ("qwen2.rope.freq_base", V::F32(config.rope_theta() as f32)),
+        ("qwen2.attention.layer_norm_rms_epsilon", V::F32(config.rms_norm_eps() as f32)),
+        ("tokenizer.ggml.model", V::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", V::Array(tokens.iter().map(|t| V::String(t.1.clone())).collect())),
+        ("tokenizer.ggml.token_type", V::Array(tokens.iter().map(|t| V::I32(t.2)).collect())),
+        ("tokenizer.ggml.merges", V::Array(merges)),
+        ("tokenizer.ggml.eos_token_id", V::U32(eos)),
+    ];
+    let metadata_refs: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &metadata_refs, &tensor_refs).unwrap();
+}
+
+fn last_logits_three_ways(gguf: &Path, ids: &[u32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let out = gguf.with_extension("hf");
+    gguf_import::convert(gguf, &out).unwrap();
+    let ours = load_model(out.to_str().unwrap(), &FinetuneMode::Frozen, 0, &Device::Cpu).unwrap();
+    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let full = ours.model.forward(&input, None).unwrap();
+    let trained = full.get(0).unwrap().get(ids.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+
+    let mut file = std::fs::File::open(gguf).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let served = QuantizedQwen2::from_gguf(content, &mut file).unwrap();
+    let mut cache = served.new_cache();
+    let served = served.forward(ids, &mut cache).unwrap().to_vec1::<f32>().unwrap();
+
+    let mut file = std::fs::File::open(gguf).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut reference =
+        candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+            .unwrap();
+    let reference = reference.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    (trained, served, reference)
+}
+
+fn relative_diff(a: &[f32], b: &[f32]) -> f32 {
+    let max_abs = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / max_abs
+}
+
+#[test]
+fn converted_gguf_matches_candle_transformers_quantized_qwen2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<u32> = (5..29).collect();
+    // F32 matrices: dequantization is the identity, so all three agree to rounding.
+    let f32_gguf = dir.path().join("tiny-f32.gguf");
+    write_gguf(&f32_gguf, GgmlDType::F32, "qwen2", None);
+    let (trained, served, reference) = last_logits_three_ways(&f32_gguf, &ids);
+    assert!(relative_diff(&trained, &reference) < 1e-4, "{}", relative_diff(&trained, &reference));
+    assert!(relative_diff(&served, &reference) < 1e-5, "{}", relative_diff(&served, &reference));
+
+    // Q8_0: candle's quantized matmul also quantizes activations, ours uses the dequantized
+    // weights in f32, so they differ by activation rounding only.
+    let q8 = dir.path().join("tiny-q8.gguf");
+    write_gguf(&q8, GgmlDType::Q8_0, "qwen2", None);
+    let (trained, served, reference) = last_logits_three_ways(&q8, &ids);
+    assert!(relative_diff(&trained, &reference) < 2e-2, "{}", relative_diff(&trained, &reference));
+    assert!(relative_diff(&served, &reference) < 1e-5, "{}", relative_diff(&served, &reference));
+}
+
+#[test]
+fn tokenizer_from_gguf_metadata_round_trips_and_keeps_chatml_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&path, GgmlDType::F32, "qwen2", None);
+    let tokenizer = gguf_import::load_tokenizer(&path).unwrap();
+    let text = "<|im_start|>user\nlabel the word: naïve café, 42 times!<|im_end|>\n";
+    let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    assert_eq!(tokenizer.decode(&ids, false).unwrap(), text);
+    let im_start = tokenizer.token_to_id("<|im_start|>").unwrap();
+    let im_end = tokenizer.token_to_id("<|im_end|>").unwrap();
+    assert_eq!(ids[0], im_start);
+    assert_eq!(ids.iter().filter(|&&i| i == im_end).count(), 1);
+    // The merges are used: `user` is one token, as in the fixture's own tokenizer.json.
+    assert_eq!(ids[1], tokenizer.token_to_id("user").unwrap());
+}
+
+#[test]
+fn system_prompt_kv_reuse_changes_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&path, GgmlDType::Q8_0, "qwen2", None);
+    let with = GgufChatModel::load_with(&path, true).unwrap();
+    let without = GgufChatModel::load_with(&path, false).unwrap();
+    let mut outputs: HashMap<&str, Vec<String>> = HashMap::new();
+    for (name, model) in [("with", &with), ("without", &without)] {
+        for user in ["label apple", "label river", "copy the word stone", "label apple"] {
+            let request = GenerateRequest {
+                messages: vec![
+                    Message { role: "system".into(), content: "Answer with one label.".into() },
+                    Message { role: "user".into(), content: user.into() },
+                ],
+                max_tokens: 8,
+                temperature: 0.0,
+                top_p: 1.0,
+                stop: vec![],
+                seed: None,
+            };
+            let mut text = String::new();
+            model
+                .generate(&request, &mut |piece| {
+                    text.push_str(piece);
+                    true
+                })
+                .unwrap();
+            outputs.entry(name).or_default().push(text);
+        }
+    }
+    assert_eq!(outputs["with"], outputs["without"]);
+    assert!(outputs["with"].iter().any(|t| !t.is_empty()));
+}
+
+#[test]
+fn bad_gguf_files_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = dir.path().join("llama.gguf");
+    write_gguf(&llama, GgmlDType::F32, "llama", None);
+    let error = gguf_import::convert(&llama, &dir.path().join("out1")).unwrap_err().to_string();
+    assert!(error.contains("llama.gguf") && error.contains("architecture `llama`"), "{error}");
+
+    let missing = dir.path().join("missing.gguf");
+    write_gguf(&missing, GgmlDType::F32, "qwen2", Some("blk.1.ffn_up.weight"));
+    let error = gguf_import::convert(&missing, &dir.path().join("out2")).unwrap_err().to_string();
+    assert!(error.contains("missing.gguf") && error.contains("blk.1.ffn_up.weight"), "{error}");
+
+    let garbage = dir.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"not a gguf at all").unwrap();
+    let error = gguf_import::convert(&garbage, &dir.path().join("out3")).unwrap_err().to_string();
+    assert!(error.contains("garbage.gguf") && error.contains("not a GGUF"), "{error}");
+}
