@@ -609,7 +609,7 @@ impl QwenModel {
         let (b, t) = input_ids.dims2()?;
         let offset = cache.len;
         let hidden = self.layers_forward(input_ids, offset, None, Some(cache), None)?;
-        let last = hidden.reshape((b, t, ()))?.narrow(1, t - 1, 1)?.contiguous()?;
+        let last = hidden.reshape((b, t, ()))?.narrow(1, t - 1, 1)?.reshape((b, ()))?.contiguous()?;
         Ok(self.project_vocab(&last)?.reshape((b, self.config.vocab_size))?)
     }
 

@@ -15,6 +15,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub const ENTRY_FILE: &str = "entry.json";
+/// Size, modification time and inode of each file when its hash last matched: a lookup whose
+/// files all still show these skips re-hashing (a multi-GB model would otherwise cost
+/// seconds on every hit). Any write to a file changes its modification time.
+const STAMP_FILE: &str = "verified.json";
 
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -149,6 +153,7 @@ impl Cache {
         if let Some(parent) = dir.parent() {
             fsutil::sync_dir(parent);
         }
+        write_stamp(&dir, &manifest);
         Ok(Entry { dir, manifest })
     }
 
@@ -188,13 +193,44 @@ fn verify(dir: &Path, kind: &str, key: &str) -> Result<EntryManifest, String> {
             return Err(format!("unexpected file `{rel}`"));
         }
     }
+    if stamp_matches(dir, &manifest) {
+        return Ok(manifest);
+    }
     for (rel, expected) in &manifest.files {
         let actual = fsutil::sha256_file(&files_dir.join(rel)).map_err(|e| format!("`{rel}` unreadable: {e}"))?;
         if &actual != expected {
             return Err(format!("`{rel}` does not match its recorded sha256"));
         }
     }
+    write_stamp(dir, &manifest);
     Ok(manifest)
+}
+
+fn file_stamps(dir: &Path, manifest: &EntryManifest) -> Option<BTreeMap<String, (u64, i64, i64, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    let files_dir = dir.join("files");
+    manifest
+        .files
+        .keys()
+        .map(|rel| {
+            let m = fs::metadata(files_dir.join(rel)).ok()?;
+            Some((rel.clone(), (m.len(), m.mtime(), m.mtime_nsec(), m.ino())))
+        })
+        .collect()
+}
+
+fn write_stamp(dir: &Path, manifest: &EntryManifest) {
+    if let Some(stamps) = file_stamps(dir, manifest) {
+        if let Ok(json) = serde_json::to_vec(&stamps) {
+            let _ = fsutil::write_atomic(&dir.join(STAMP_FILE), &json);
+        }
+    }
+}
+
+fn stamp_matches(dir: &Path, manifest: &EntryManifest) -> bool {
+    let Ok(raw) = fs::read(dir.join(STAMP_FILE)) else { return false };
+    let Ok(recorded) = serde_json::from_slice::<BTreeMap<String, (u64, i64, i64, u64)>>(&raw) else { return false };
+    file_stamps(dir, manifest).is_some_and(|now| now == recorded)
 }
 
 fn rand_nonce() -> u32 {
