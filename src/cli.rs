@@ -711,9 +711,8 @@ fn print_next_steps(record: &crate::runner::record::RunRecord, run_dir: &Path, s
     let deployed = stage("deploy").and_then(|d| d.summary.get("version").and_then(|v| v.as_str()).map(str::to_string));
     eprintln!("\nnext:");
     eprintln!(
-        "  tangle diff {} {}   # compare with another run's report",
-        run_dir.join("eval-student").display(),
-        "<other-run>/eval-student"
+        "  tangle diff {} <other-run>/eval-student   # compare with another run's report",
+        run_dir.join("eval-student").display()
     );
     if let Some(version) = deployed {
         eprintln!(
