@@ -221,15 +221,3 @@ fn ctrl_c_stops_cleanly_with_130_and_the_next_run_resumes() {
     assert_eq!(stage(&doc, "first")["state"], "cached");
     assert_eq!(p.lines("first.log"), 1);
 }
-
-#[test]
-fn a_pipeline_with_stages_this_build_lacks_is_refused_before_running() {
-    let spec = std::fs::read_to_string(repo().join("tests/specs/valid/support-intent.yaml"))
-        .unwrap()
-        .replace("../data.jsonl", "data.jsonl");
-    let p = Project::new(&spec);
-    let (code, _, stderr) = p.run();
-    assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("cannot run"), "{stderr}");
-    assert!(!p.path("runs").exists(), "nothing should have started");
-}
