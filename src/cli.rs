@@ -46,9 +46,46 @@ pub enum Command {
     Serve(ServeArgs),
     /// Teacher token spend from the ledger: totals by run, stage and target.
     Usage(UsageArgs),
+    /// OpenAI-compatible gateway: model aliases routed to ordered targets with failover,
+    /// per-client keys and budgets, spend circuit breakers, a live dashboard.
+    Proxy(ProxyArgs),
+    /// List, confirm or reset the circuit breakers of a running proxy.
+    Breaker(BreakerArgs),
     /// A scriptable OpenAI-compatible teacher for tests and offline demos.
     #[command(hide = true)]
     MockTeacher(MockTeacherArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// The proxy config (YAML): routes, targets, client keys, budgets, breakers, alerts.
+    #[arg(long, short = 'c', default_value = "proxy.yaml")]
+    pub config: PathBuf,
+    /// Only check the config (exit 0 when valid, 2 with every error when not).
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BreakerArgs {
+    /// The running proxy's config (the admin API is reached at its `listen` address).
+    #[arg(long, short = 'c', global = true, default_value = "proxy.yaml")]
+    pub config: PathBuf,
+    /// Print the proxy's answer as one JSON document on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: BreakerCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BreakerCommand {
+    /// Every breaker (`key:NAME`, `route:ALIAS`, `target:NAME`) with its state and spend.
+    List,
+    /// Resume a tripped breaker; the rule that tripped starts a fresh allowance.
+    Confirm { id: String },
+    /// Zero every counter of a breaker (tripped or not), e.g. for a new billing period.
+    Reset { id: String },
 }
 
 #[derive(Debug, Args)]
@@ -239,6 +276,16 @@ pub fn main() -> i32 {
         Command::Registry(args) => registry_command(&args).code(),
         Command::Serve(args) => serve_command(&args).code(),
         Command::Usage(args) => usage_command(&args).code(),
+        Command::Proxy(args) => crate::proxy::command::run_proxy(&args.config, args.check).code(),
+        Command::Breaker(args) => {
+            use crate::proxy::command::{run_breaker, BreakerAction};
+            let action = match args.action {
+                BreakerCommand::List => BreakerAction::List,
+                BreakerCommand::Confirm { id } => BreakerAction::Confirm(id),
+                BreakerCommand::Reset { id } => BreakerAction::Reset(id),
+            };
+            run_breaker(&args.config, &action, args.json).code()
+        }
         Command::MockTeacher(args) => mock_teacher_command(&args).code(),
     }
 }

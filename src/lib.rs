@@ -17,6 +17,7 @@ pub mod ledger;
 pub mod mock;
 pub mod model;
 pub mod providers;
+pub mod proxy;
 pub mod ratelimit;
 pub mod registry;
 pub mod report;
