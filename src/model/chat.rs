@@ -166,13 +166,15 @@ pub fn decode(
             hit_limit = false;
             break;
         }
-        // A multi-byte character split across tokens decodes to U+FFFD until complete.
-        if !text.ends_with('\u{FFFD}') && text.len() > emitted {
-            if !on_text(&text[emitted..]) {
+        // A multi-byte character split across tokens decodes to U+FFFD until complete, and a
+        // tail that could begin a stop string is held back until it is known not to.
+        let safe = text.len() - held_back(&text, stop);
+        if !text.ends_with('\u{FFFD}') && safe > emitted {
+            if !on_text(&text[emitted..safe]) {
                 hit_limit = false;
                 break;
             }
-            emitted = text.len();
+            emitted = safe;
         }
         input = vec![next];
     }
@@ -180,6 +182,16 @@ pub fn decode(
         on_text(&text[emitted..]);
     }
     Ok(Completion { text, prompt_tokens: prompt.len(), completion_tokens: generated.len(), hit_limit })
+}
+
+/// Length of the longest tail of `text` that is a proper prefix of a stop string.
+fn held_back(text: &str, stop: &[String]) -> usize {
+    stop.iter()
+        .flat_map(|s| (1..s.len()).rev().filter(move |&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+        .filter(|prefix| text.ends_with(prefix))
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,4 +247,51 @@ fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl Rng) -> u
 
 pub fn load_student(dir: &Path, device: &Device) -> Result<StudentChat, LoadError> {
     StudentChat::load(&dir.display().to_string(), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives `decode` with a script of byte tokens (the fixture vocabulary's first 256 ids).
+    fn run(script: &str, stop: &[&str]) -> (String, Vec<String>) {
+        let (json, _) = super::super::fixture::tokenizer_json();
+        let tokenizer = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).unwrap();
+        let bytes: Vec<u8> = script.bytes().collect();
+        let mut i = 0;
+        let mut step = |_: &[u32]| -> candle_core::Result<Vec<f32>> {
+            let mut logits = vec![0f32; 300];
+            logits[bytes.get(i).copied().unwrap_or(b'.') as usize] = 1.0;
+            i += 1;
+            Ok(logits)
+        };
+        let mut pieces = Vec::new();
+        let stop: Vec<String> = stop.iter().map(|s| s.to_string()).collect();
+        let completion = decode(
+            &tokenizer,
+            &[],
+            &[1],
+            bytes.len(),
+            Sampling::GREEDY,
+            &stop,
+            &mut |p| {
+                pieces.push(p.to_string());
+                true
+            },
+            &mut step,
+        )
+        .unwrap();
+        (completion.text, pieces)
+    }
+
+    #[test]
+    fn multi_character_stop_strings_are_never_streamed() {
+        let (text, pieces) = run("ab}}cd", &["}}"]);
+        assert_eq!(text, "ab");
+        assert_eq!(pieces.concat(), "ab");
+        // A tail that only looked like a stop string is released.
+        let (text, pieces) = run("a}b", &["}}"]);
+        assert_eq!(text, "a}b");
+        assert_eq!(pieces.concat(), "a}b");
+    }
 }
