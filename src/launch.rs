@@ -182,11 +182,6 @@ pub fn stop_all() {
     }
 }
 
-/// How many servers this process has started and not stopped.
-pub fn running() -> usize {
-    crate::support::lock(registry()).len()
-}
-
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();

@@ -8,7 +8,6 @@ use super::tokenizer::{ChatTokenizer, END_OF_TEXT, IM_END, IM_START};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 
 /// Written next to an exported student: what the model was trained with and must be
 /// prompted with.
@@ -243,10 +242,6 @@ fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl Rng) -> u
         }
     }
     nucleus.last().map(|p| p.0).unwrap_or(0)
-}
-
-pub fn load_student(dir: &Path, device: &Device) -> Result<StudentChat, LoadError> {
-    StudentChat::load(&dir.display().to_string(), device)
 }
 
 #[cfg(test)]
