@@ -110,6 +110,10 @@ pub struct ServeArgs {
     pub device: String,
     #[arg(long, env = "TANGLE_REGISTRY", default_value = ".tangle/registry")]
     pub registry: PathBuf,
+    /// Append one JSON line per answered request (a hash of its messages and its token
+    /// counts, never the text) to this file.
+    #[arg(long, env = "TANGLE_SERVE_REQUEST_LOG")]
+    pub request_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -619,9 +623,19 @@ fn serve_command(args: &ServeArgs) -> Exit {
         workers: args.workers.max(1),
         queue: args.queue.max(1),
         default_max_tokens: args.max_tokens,
+        request_log: args.request_log.clone(),
     };
     let id = model.id().to_string();
-    let app = crate::serve::router(model, options);
+    let app = match crate::serve::router(model, options) {
+        Ok(app) => app,
+        Err(e) => {
+            let path = args.request_log.as_deref().unwrap_or(std::path::Path::new("")).display().to_string();
+            eprintln!(
+                "error: cannot open the request log {path}: {e}\nhint: check --request-log / TANGLE_SERVE_REQUEST_LOG"
+            );
+            return Exit::Usage;
+        }
+    };
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(exit) => return exit,

@@ -114,6 +114,7 @@ fn artifact_reloads_identically_through_both_loaders_and_tampering_is_refused() 
 struct Server {
     base_url: String,
     expected: Vec<(String, String)>,
+    request_log: PathBuf,
     _rt: tokio::runtime::Runtime,
 }
 
@@ -132,11 +133,14 @@ fn start_server() -> (tempfile::TempDir, Server) {
     let model =
         Arc::new(StudentChatModel::new("tiny", StudentChat::load(dir.to_str().unwrap(), &Device::Cpu).unwrap()));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let app = router(model, ServeOptions { workers: 2, queue: 16, default_max_tokens: 16 });
+    let request_log = root.path().join("requests.jsonl");
+    let options =
+        ServeOptions { workers: 2, queue: 16, default_max_tokens: 16, request_log: Some(request_log.clone()) };
+    let app = router(model, options).unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     rt.spawn(async move { axum::serve(listener, app).await });
-    (root, Server { base_url: format!("http://{addr}/v1"), expected, _rt: rt })
+    (root, Server { base_url: format!("http://{addr}/v1"), expected, request_log, _rt: rt })
 }
 
 #[test]
@@ -177,6 +181,19 @@ fn http_answers_equal_in_process_generation_json_and_sse() {
             assert!(saw_usage, "stream_options.include_usage was ignored");
         }
     });
+    // One line per answered request (JSON and SSE for each prompt): the same prompt hashes
+    // alike, different prompts differently, and no prompt text is written.
+    let log = std::fs::read_to_string(&server.request_log).unwrap();
+    let hashes: Vec<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["messages_sha256"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(hashes.len(), 2 * server.expected.len(), "{log}");
+    let distinct: std::collections::HashSet<&String> = hashes.iter().collect();
+    assert_eq!(distinct.len(), server.expected.len(), "{log}");
+    for (prompt, _) in &server.expected {
+        assert!(!log.contains(prompt.as_str()), "the request log holds prompt text: {log}");
+    }
 }
 
 /// The official client, unchanged, in CI. Outside CI a machine without it skips loudly.

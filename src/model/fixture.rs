@@ -41,6 +41,9 @@ pub struct FixtureSpec {
     /// Standard deviation of the random weights (HF initializer_range is 0.02).
     pub init_std: f64,
     pub seed: u64,
+    /// Tokenizer size to fill with extra letter merges (0: the minimal fixture tokenizer).
+    /// Benchmarks use it for a realistic vocabulary whose every id decodes to text.
+    pub vocab_tokens: usize,
 }
 
 impl FixtureSpec {
@@ -57,6 +60,25 @@ impl FixtureSpec {
             tie_word_embeddings: !matches!(family, ModelFamily::Llama),
             init_std: 0.1,
             seed,
+            vocab_tokens: 0,
+        }
+    }
+
+    /// SmolLM2-135M's shape (30 layers, hidden 576, 9 heads over 3 kv heads, 49,152-token
+    /// vocabulary, tied embeddings) on `family`'s architecture, with random weights.
+    pub fn shaped_135m(family: ModelFamily, seed: u64) -> Self {
+        Self {
+            family,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: matches!(family, ModelFamily::Qwen3).then_some(64),
+            tie_word_embeddings: true,
+            init_std: 0.02,
+            seed,
+            vocab_tokens: 49_152,
         }
     }
 }
@@ -69,19 +91,45 @@ const MERGED_WORDS: [&str; 8] = ["system", "user", "assistant", "Ġthe", "label"
 /// [`MERGED_WORDS`]) followed by `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`.
 /// Returns the JSON and the total number of tokens.
 pub fn tokenizer_json() -> (serde_json::Value, usize) {
+    sized_tokenizer_json(0)
+}
+
+/// [`tokenizer_json`] grown to about `tokens` tokens (when larger) by merges of lowercase
+/// letter sequences ("ab", …, "abc", …), so every id decodes to visible text.
+pub fn sized_tokenizer_json(tokens: usize) -> (serde_json::Value, usize) {
     let mut vocab: Vec<String> = (0u8..=255).map(|b| byte_to_unicode(b).to_string()).collect();
+    let mut known: std::collections::HashSet<String> = vocab.iter().cloned().collect();
     let mut merges: Vec<String> = Vec::new();
+    let mut merge = |prefix: &str, c: char, vocab: &mut Vec<String>, merges: &mut Vec<String>| {
+        let merged = format!("{prefix}{c}");
+        if known.insert(merged.clone()) {
+            merges.push(format!("{prefix} {c}"));
+            vocab.push(merged);
+        }
+    };
     for word in MERGED_WORDS {
         let chars: Vec<char> = word.chars().collect();
         let mut prefix = chars[0].to_string();
         for c in &chars[1..] {
-            let merged = format!("{prefix}{c}");
-            if !vocab.contains(&merged) {
-                merges.push(format!("{prefix} {c}"));
-                vocab.push(merged.clone());
-            }
-            prefix = merged;
+            merge(&prefix, *c, &mut vocab, &mut merges);
+            prefix = format!("{prefix}{c}");
         }
+    }
+    // Three specials follow the vocabulary.
+    let target = tokens.saturating_sub(3);
+    let mut stems: Vec<String> = ('a'..='z').map(String::from).collect();
+    while vocab.len() < target {
+        let mut longer = Vec::new();
+        'stems: for stem in &stems {
+            for c in 'a'..='z' {
+                if vocab.len() >= target {
+                    break 'stems;
+                }
+                merge(stem, c, &mut vocab, &mut merges);
+                longer.push(format!("{stem}{c}"));
+            }
+        }
+        stems = longer;
     }
     let vocab_map: serde_json::Map<String, serde_json::Value> =
         vocab.iter().enumerate().map(|(id, token)| (token.clone(), serde_json::Value::from(id))).collect();
@@ -121,7 +169,7 @@ pub fn tokenizer_json() -> (serde_json::Value, usize) {
 /// The config a spec describes; `vocab_size` is the tokenizer's size rounded up to 64
 /// (Qwen also pads its embedding matrix past the tokenizer).
 pub fn fixture_config(spec: &FixtureSpec) -> ModelConfig {
-    let (_, tokens) = tokenizer_json();
+    let (_, tokens) = sized_tokenizer_json(spec.vocab_tokens);
     let vocab_size = tokens.div_ceil(64) * 64;
     let (model_type, architecture) = match spec.family {
         ModelFamily::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
@@ -235,7 +283,7 @@ pub fn write_tiny_model(dir: &Path, spec: &FixtureSpec) -> Result<ModelConfig, F
     config.save(&dir.join("config.json"))?;
     let weights = random_weights(&config, spec.init_std, spec.seed, &Device::Cpu)?;
     candle_core::safetensors::save(&weights, dir.join("model.safetensors"))?;
-    let (tokenizer, tokens) = tokenizer_json();
+    let (tokenizer, tokens) = sized_tokenizer_json(spec.vocab_tokens);
     write(&dir.join("tokenizer.json"), serde_json::to_string(&tokenizer)?.as_bytes())?;
     let generation = serde_json::json!({
         "bos_token_id": tokens - 3, "eos_token_id": tokens - 1, "do_sample": false

@@ -88,11 +88,46 @@ pub struct ServeOptions {
     pub queue: usize,
     /// Default `max_tokens` when a request gives none.
     pub default_max_tokens: u32,
+    /// Appends one JSON line per answered request (sha256 of its messages, tokens), so
+    /// what a server generated can be counted across restarts, e.g. that an interrupted
+    /// labeling run never has a prompt answered twice. Holds no prompt text.
+    pub request_log: Option<std::path::PathBuf>,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { workers: 1, queue: 64, default_max_tokens: 256 }
+        ServeOptions { workers: 1, queue: 64, default_max_tokens: 256, request_log: None }
+    }
+}
+
+/// The `request_log` file, shared by the workers; each record is one `write` on an
+/// append-mode file, so lines from concurrent workers never interleave.
+struct RequestLog(std::fs::File);
+
+impl RequestLog {
+    fn open(path: &std::path::Path) -> std::io::Result<RequestLog> {
+        std::fs::OpenOptions::new().create(true).append(true).open(path).map(RequestLog)
+    }
+
+    fn record(&self, request: &GenerateRequest, result: &GenerateResult) {
+        use sha2::{Digest, Sha256};
+        use std::io::Write;
+        let mut hasher = Sha256::new();
+        for m in &request.messages {
+            hasher.update(m.role.as_bytes());
+            hasher.update([0]);
+            hasher.update(m.content.as_bytes());
+            hasher.update([0]);
+        }
+        let line = json!({
+            "messages_sha256": hex::encode(hasher.finalize()),
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "unix_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis()),
+        });
+        if let Err(e) = (&self.0).write_all(format!("{line}\n").as_bytes()) {
+            eprintln!("warning: cannot append to the request log: {e}");
+        }
     }
 }
 
@@ -111,13 +146,18 @@ struct AppState {
     options: ServeOptions,
 }
 
-/// The router, with worker threads started for `model`.
-pub fn router(model: Arc<dyn ChatModel>, options: ServeOptions) -> Router {
+/// The router, with worker threads started for `model`; fails only if the request log
+/// cannot be opened.
+pub fn router(model: Arc<dyn ChatModel>, options: ServeOptions) -> std::io::Result<Router> {
+    let log = match &options.request_log {
+        Some(path) => Some(Arc::new(RequestLog::open(path)?)),
+        None => None,
+    };
     let (tx, rx) = std_mpsc::sync_channel::<Job>(options.queue);
     let rx = Arc::new(Mutex::new(rx));
     let queued = Arc::new(AtomicUsize::new(0));
     for i in 0..options.workers.max(1) {
-        let (rx, model, queued) = (Arc::clone(&rx), Arc::clone(&model), Arc::clone(&queued));
+        let (rx, model, queued, log) = (Arc::clone(&rx), Arc::clone(&model), Arc::clone(&queued), log.clone());
         let spawned = std::thread::Builder::new().name(format!("tangle-serve-{i}")).spawn(move || loop {
             // A poisoned lock means another worker panicked mid-receive; the queue is still
             // consistent, so keep serving.
@@ -126,21 +166,21 @@ pub fn router(model: Arc<dyn ChatModel>, options: ServeOptions) -> Router {
                 Err(_) => return, // the server is gone
             };
             queued.fetch_sub(1, Ordering::SeqCst);
-            run_job(model.as_ref(), job);
+            run_job(model.as_ref(), job, log.as_deref());
         });
         if let Err(e) = spawned {
             eprintln!("warning: cannot start a serve worker: {e}");
         }
     }
     let state = AppState { model_id: model.id().to_string(), jobs: tx, queued, options };
-    Router::new()
+    Ok(Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
-        .with_state(state)
+        .with_state(state))
 }
 
-fn run_job(model: &dyn ChatModel, job: Job) {
+fn run_job(model: &dyn ChatModel, job: Job, log: Option<&RequestLog>) {
     let mut text = String::new();
     let pieces = job.pieces;
     let result = model.generate(&job.request, &mut |piece| {
@@ -150,6 +190,9 @@ fn run_job(model: &dyn ChatModel, job: Job) {
             None => true,
         }
     });
+    if let (Some(log), Ok(result)) = (log, &result) {
+        log.record(&job.request, result);
+    }
     let _ = job.done.send(result.map(|r| (text, r)));
 }
 
