@@ -82,6 +82,7 @@ fn full_batch(vocab: usize, seed: u32) -> BenchResult<Batch> {
         loss_rows,
         labels,
         tokens: BATCH * SEQ,
+        frozen_input: None,
     })
 }
 
@@ -155,6 +156,7 @@ fn lora_models(
             .iter()
             .map(|s| s.to_string())
             .collect(),
+        last_layers: None,
     };
     let adapters = init_lora_varmap(config, &lora, 1, &Device::Cpu)?;
     // Frozen base as plain tensors: the frozen-matmul op skips dW.
@@ -197,7 +199,7 @@ fn bench(name: &str, config: &ModelConfig, steps: usize, gflops: f64) -> BenchRe
 }
 
 fn main() -> BenchResult<()> {
-    tangle::train::configure_cpu_threads();
+    tangle::cpu::configure();
     let args: Vec<String> = std::env::args().collect();
     let value_of = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let steps: usize = value_of("--steps").map(|s| s.parse()).transpose()?.unwrap_or(3);

@@ -108,6 +108,10 @@ pub struct ServeArgs {
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Which weights of a fine-tuned student: its quantized copy when it has one (`auto`),
+    /// or the full-precision safetensors.
+    #[arg(long, value_enum, default_value_t = crate::serve::models::WeightsChoice::Auto)]
+    pub weights: crate::serve::models::WeightsChoice,
     #[arg(long, env = "TANGLE_REGISTRY", default_value = ".tangle/registry")]
     pub registry: PathBuf,
     /// Append one JSON line per answered request (a hash of its messages and its token
@@ -612,7 +616,7 @@ fn serve_command(args: &ServeArgs) -> Exit {
         }
     };
     eprintln!("loading {}", args.model);
-    let model = match crate::serve::models::load(&location, &args.device) {
+    let model = match crate::serve::models::load(&location, &args.device, args.weights) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e}");

@@ -72,8 +72,9 @@ pub fn list_files(root: &Path) -> io::Result<Vec<PathBuf>> {
 }
 
 /// Mirrors the files of `from` into `to` with hard links where the filesystem allows,
-/// copies otherwise. `to` must not exist yet.
-pub fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
+/// copies otherwise. `to` must not exist yet. Returns how many files were copied.
+pub fn link_tree(from: &Path, to: &Path) -> io::Result<usize> {
+    let mut copied = 0;
     for rel in list_files(from)? {
         let target = to.join(&rel);
         if let Some(parent) = target.parent() {
@@ -81,9 +82,12 @@ pub fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
         }
         if fs::hard_link(from.join(&rel), &target).is_err() {
             fs::copy(from.join(&rel), &target)?;
+            fs::File::open(&target)?.sync_all()?;
+            copied += 1;
         }
     }
-    fs::create_dir_all(to)
+    fs::create_dir_all(to)?;
+    Ok(copied)
 }
 
 /// Whether a process with this id is alive (signal 0 probes without signalling).

@@ -1,8 +1,9 @@
-//! Local teacher servers that a pipeline starts itself (`launch` on a teacher target).
+//! Local servers that a pipeline starts itself: teachers (`launch` on a teacher target) and
+//! the student the eval stage measures as it is served.
 //!
-//! A server is started only when a labeling stage has something left to label, shared by
+//! A teacher is started only when a labeling stage has something left to label, shared by
 //! every stage of the run that needs the same `base_url`, and stopped when the run ends
-//! ([`stop_all`]). It must never outlive tangle: the child gets its own process group (so
+//! ([`stop_all`]); the eval stage stops its student as soon as it is done ([`stop`]). It must never outlive tangle: the child gets its own process group (so
 //! the terminal's Ctrl-C reaches tangle, which stops it in order), `PR_SET_PDEATHSIG`, and
 //! `TANGLE_PARENT_PID`, which `tangle serve` watches — that covers `kill -9` of tangle even
 //! when the command runs the server under a shell.
@@ -83,6 +84,11 @@ pub async fn is_ready(client: &reqwest::Client, base_url: &str) -> bool {
     client.get(url).timeout(Duration::from_secs(2)).send().await.is_ok()
 }
 
+/// Whether this run has already started the server for `base_url`.
+pub fn is_running(base_url: &str) -> bool {
+    crate::support::lock(registry()).contains_key(base_url)
+}
+
 /// Returns the server for `base_url`, starting it with `launch.command` unless this run
 /// already did. Waits until it answers, the command exits, the timeout passes, or
 /// `cancelled()` turns true.
@@ -152,7 +158,7 @@ pub async fn ensure_running(
         if let Some(status) = exited {
             crate::support::lock(registry()).remove(base_url);
             return Err(format!(
-                "the teacher server exited ({status}) before answering at {base_url}; its output is in {}:\n{}",
+                "the server launched for {base_url} exited ({status}) before answering; its output is in {}:\n{}",
                 log.display(),
                 tail(&log, 12)
             ));
@@ -161,16 +167,24 @@ pub async fn ensure_running(
             crate::support::lock(registry()).remove(base_url);
             server.stop();
             if cancelled() {
-                return Err("interrupted while the teacher server was starting".into());
+                return Err("interrupted while a launched server was starting".into());
             }
             return Err(format!(
-                "the teacher server did not answer at {base_url} within {:.0} s (raise `launch.ready_timeout_s`); its output is in {}:\n{}",
+                "the server launched for {base_url} did not answer within {:.0} s (raise `launch.ready_timeout_s`); its output is in {}:\n{}",
                 launch.ready_timeout_s,
                 log.display(),
                 tail(&log, 12)
             ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Stops the server this process started for `base_url`, if any.
+pub fn stop(base_url: &str) {
+    let server = crate::support::lock(registry()).remove(base_url);
+    if let Some(server) = server {
+        server.stop();
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod artifact;
 pub mod budget;
 pub mod cli;
+pub mod cpu;
 pub mod dataset;
 pub mod diagnostic;
 pub mod eval;

@@ -1,5 +1,5 @@
 fn main() {
-    // Before any thread starts: candle reads it when its pool is first used.
-    tangle::train::configure_cpu_threads();
+    // Before any thread starts and before candle's first op (see `cpu`).
+    tangle::cpu::configure();
     std::process::exit(tangle::cli::main());
 }

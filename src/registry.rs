@@ -112,7 +112,7 @@ impl Registry {
         serde_json::from_slice(&bytes).map_err(io::Error::other)
     }
 
-    /// Copies a package (a directory with `artifact/manifest.json`) in as a version, verified.
+    /// Brings a package (a directory with `artifact/manifest.json`) in as a version, verified.
     /// Returns the version name; an identical package already registered is reused.
     pub fn register(&self, pipeline: &str, package: &Path) -> Result<String, RegistryError> {
         let manifest = artifact::verify(&package.join("artifact")).map_err(RegistryError::Damaged)?;
@@ -124,8 +124,11 @@ impl Registry {
         }
         let staging = self.pipeline_dir(pipeline).join(format!(".incoming-{}-{version}", std::process::id()));
         let _ = fs::remove_dir_all(&staging);
-        copy_tree(package, &staging)?;
-        artifact::verify(&staging.join("artifact")).map_err(RegistryError::Damaged)?;
+        // Hard links share the verified bytes (no store writes a file in place, and every
+        // load re-verifies); a copy, across filesystems, is verified again.
+        if fsutil::link_tree(package, &staging)? > 0 {
+            artifact::verify(&staging.join("artifact")).map_err(RegistryError::Damaged)?;
+        }
         fs::create_dir_all(target.parent().unwrap_or(&self.root))?;
         match fs::rename(&staging, &target) {
             Ok(()) => {}
@@ -269,18 +272,6 @@ pub struct PipelineListing {
 pub fn version_name(manifest: &Manifest) -> String {
     let material = serde_json::to_string(&manifest.files).unwrap_or_default();
     format!("v-{}", &fsutil::sha256_bytes(material.as_bytes())[..12])
-}
-
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    for rel in fsutil::list_files(from)? {
-        let target = to.join(&rel);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        fs::copy(from.join(&rel), &target)?;
-        fs::File::open(&target)?.sync_all()?;
-    }
-    fs::create_dir_all(to)
 }
 
 struct LockFile(fs::File);

@@ -138,12 +138,90 @@ fn converted_gguf_matches_candle_transformers_quantized_qwen2() {
     assert!(relative_diff(&served, &reference) < 1e-5, "{}", relative_diff(&served, &reference));
 
     // Q8_0: candle's quantized matmul also quantizes activations, ours uses the dequantized
-    // weights in f32, so they differ by activation rounding only.
+    // weights in f32, so they differ by activation rounding only. The served decoder pads
+    // the 64-wide rows to 256 for candle's tiled kernel, which rounds activations in blocks
+    // of 256 (Q8_K) instead of 32 (Q8_0): again activation rounding only.
     let q8 = dir.path().join("tiny-q8.gguf");
     write_gguf(&q8, GgmlDType::Q8_0, "qwen2", None);
     let (trained, served, reference) = last_logits_three_ways(&q8, &ids);
     assert!(relative_diff(&trained, &reference) < 2e-2, "{}", relative_diff(&trained, &reference));
-    assert!(relative_diff(&served, &reference) < 1e-5, "{}", relative_diff(&served, &reference));
+    // Measured: 0.024 against the reference on this random model (a bug in the padding
+    // would be off by the logits' whole scale, ~1).
+    assert!(relative_diff(&served, &reference) < 5e-2, "{}", relative_diff(&served, &reference));
+    assert!(relative_diff(&served, &trained) < 5e-2, "{}", relative_diff(&served, &trained));
+}
+
+/// A student directory exported to GGUF carries what llama.cpp reads (architecture, vocabulary
+/// with token types over every embedding row, merges, special ids, chat template); the
+/// tokenizer rebuilt from it agrees with the directory's; candle-transformers' quantized
+/// Qwen2 and our served decoder both load it and agree with the f32 model.
+#[test]
+fn exported_student_gguf_carries_llama_cpp_metadata_and_matches_the_f32_model() {
+    use tangle::model::gguf_export::{export_dir, QuantFormat};
+    let dir = tempfile::tempdir().unwrap();
+    let student = dir.path().join("student");
+    let spec = FixtureSpec::tiny(ModelFamily::Qwen2, 9);
+    let config = tangle::model::fixture::write_tiny_model(&student, &spec).unwrap();
+    let template = tangle::model::chat::chat_template(Some("Route."));
+    for format in [QuantFormat::Q8_0, QuantFormat::Q4K] {
+        let gguf = student.join(format.file_name());
+        let summary = export_dir(&student, &gguf, format, "tiny student", &template).unwrap();
+        // 64-wide rows fit Q8_0's 32-blocks but not Q4_K's 256: they fall back, as in llama.cpp.
+        match format {
+            QuantFormat::Q8_0 => assert_eq!(summary.fallback_tensors, 0, "{summary:?}"),
+            QuantFormat::Q4K => assert!(summary.fallback_tensors > 0, "{summary:?}"),
+        }
+        let mut file = std::fs::File::open(&gguf).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let md = |k: &str| content.metadata.get(k).unwrap_or_else(|| panic!("no {k}"));
+        assert_eq!(md("general.architecture").to_string().unwrap(), "qwen2");
+        assert_eq!(md("tokenizer.chat_template").to_string().unwrap(), &template);
+        assert_eq!(md("qwen2.block_count").to_u32().unwrap() as usize, config.num_hidden_layers);
+        let tokens = md("tokenizer.ggml.tokens").to_vec().unwrap();
+        assert_eq!(tokens.len(), config.vocab_size, "one token per embedding row");
+        let chat = tangle::model::tokenizer::ChatTokenizer::from_file(&student.join("tokenizer.json")).unwrap();
+        assert_eq!(md("tokenizer.ggml.eos_token_id").to_u32().unwrap(), chat.im_end_id());
+        let types = md("tokenizer.ggml.token_type").to_vec().unwrap();
+        assert_eq!(types[chat.im_end_id() as usize].to_i32().unwrap(), 3, "ChatML markers are control tokens");
+        if chat.inner().get_vocab_size(true) < config.vocab_size {
+            assert_eq!(types[config.vocab_size - 1].to_i32().unwrap(), 5, "rows past the tokenizer are unused padding");
+        }
+
+        let rebuilt = gguf_import::load_tokenizer(&gguf).unwrap();
+        let text = "<|im_start|>user\nlabel the river stone<|im_end|>\n<|im_start|>assistant\n";
+        assert_eq!(rebuilt.encode(text, false).unwrap().get_ids(), chat.encode(text).unwrap().as_slice());
+
+        let ids: Vec<u32> = (5..29).collect();
+        let ours = load_model(student.to_str().unwrap(), &FinetuneMode::Frozen, 0, &Device::Cpu).unwrap();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let f32_logits = ours
+            .model
+            .forward(&input, None)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut file = std::fs::File::open(&gguf).unwrap();
+        let served = QuantizedQwen2::from_gguf(gguf_file::Content::read(&mut file).unwrap(), &mut file).unwrap();
+        let served = served.forward(&ids, &mut served.new_cache()).unwrap().to_vec1::<f32>().unwrap();
+        let mut file = std::fs::File::open(&gguf).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let mut reference =
+            candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+                .unwrap();
+        let reference = reference.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        // Weight rounding plus Q8_K activation rounding (see above); Q4_K's 4-bit weights
+        // round far more.
+        let tolerance = match format {
+            QuantFormat::Q8_0 => 6e-2,
+            QuantFormat::Q4K => 1.5e-1,
+        };
+        assert!(relative_diff(&served, &reference) < tolerance, "{format:?}: {}", relative_diff(&served, &reference));
+        assert!(relative_diff(&served, &f32_logits) < tolerance, "{format:?}: {}", relative_diff(&served, &f32_logits));
+    }
 }
 
 #[test]
@@ -164,7 +242,7 @@ fn tokenizer_from_gguf_metadata_round_trips_and_keeps_chatml_whole() {
 }
 
 #[test]
-fn system_prompt_kv_reuse_changes_no_output() {
+fn shared_prefix_kv_reuse_changes_no_output() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_gguf(&path, GgmlDType::Q8_0, "qwen2", None);
@@ -172,18 +250,22 @@ fn system_prompt_kv_reuse_changes_no_output() {
     let without = GgufChatModel::load_with(&path, false).unwrap();
     let mut outputs: HashMap<&str, Vec<String>> = HashMap::new();
     for (name, model) in [("with", &with), ("without", &without)] {
-        for user in ["label apple", "label river", "copy the word stone", "label apple"] {
-            let request = GenerateRequest {
-                messages: vec![
-                    Message { role: "system".into(), content: "Answer with one label.".into() },
-                    Message { role: "user".into(), content: user.into() },
-                ],
-                max_tokens: 8,
-                temperature: 0.0,
-                top_p: 1.0,
-                stop: vec![],
-                seed: None,
-            };
+        // With a system prompt, then without one (only `<|im_start|>user\nlabel ` is shared).
+        for (system, user) in [
+            (true, "label apple"),
+            (true, "label river"),
+            (true, "copy the word stone"),
+            (true, "label apple"),
+            (false, "label apple"),
+            (false, "label river"),
+            (false, "label river"),
+        ] {
+            let mut messages = vec![Message { role: "user".into(), content: user.into() }];
+            if system {
+                messages.insert(0, Message { role: "system".into(), content: "Answer with one label.".into() });
+            }
+            let request =
+                GenerateRequest { messages, max_tokens: 8, temperature: 0.0, top_p: 1.0, stop: vec![], seed: None };
             let mut text = String::new();
             model
                 .generate(&request, &mut |piece| {

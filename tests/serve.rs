@@ -9,19 +9,21 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tangle::artifact::{self, Lineage};
-use tangle::model::chat::{Sampling, StudentChat, StudentMeta, STUDENT_META_FILE};
+use tangle::model::chat::{chat_template, write_student_files, QuantizedCopy, Sampling, StudentChat, StudentMeta};
 use tangle::model::config::ModelFamily;
 use tangle::model::fixture::{write_tiny_model, FixtureSpec};
+use tangle::model::gguf_export::{export_dir, QuantFormat};
 use tangle::model::loading::{load_model, load_weights, save_model_dir, FinetuneMode};
 use tangle::model::tokenizer::ChatExample;
-use tangle::serve::models::{load, ModelLocation, StudentChatModel};
-use tangle::serve::{router, ServeOptions};
+use tangle::serve::models::{load, ModelLocation, StudentChatModel, WeightsChoice};
+use tangle::serve::{router, ChatModel, GenerateRequest, Message, ServeOptions};
 use tangle::train::{TrainConfig, TrainExample, Trainer};
 
 const PROMPTS: [&str; 3] = ["label apple", "label river", "copy the word stone"];
 
-/// Trains a tiny Qwen2 a few steps and packages it as an artifact; returns its directory.
-fn trained_artifact(root: &Path) -> PathBuf {
+/// Trains a tiny Qwen2 a few steps and packages it as an artifact (with a Q8_0 copy when
+/// `quantized`); returns its directory.
+fn trained_artifact(root: &Path, quantized: bool) -> PathBuf {
     let base = root.join("base");
     write_tiny_model(&base, &FixtureSpec::tiny(ModelFamily::Qwen2, 11)).unwrap();
     let loaded = load_model(base.to_str().unwrap(), &FinetuneMode::Full, 1, &Device::Cpu).unwrap();
@@ -37,8 +39,14 @@ fn trained_artifact(root: &Path) -> PathBuf {
     trainer.train(&mut |_| {}, &AtomicBool::new(false)).unwrap();
     let dir = root.join("artifact");
     save_model_dir(trainer.model(), trainer.tokenizer(), &dir, None).unwrap();
-    let meta = StudentMeta { system: Some("Be brief.".into()), max_seq_len: 128 };
-    std::fs::write(dir.join(STUDENT_META_FILE), serde_json::to_string(&meta).unwrap()).unwrap();
+    let mut meta = StudentMeta { system: Some("Be brief.".into()), max_seq_len: 128, quantized: None };
+    if quantized {
+        let format = QuantFormat::Q8_0;
+        let template = chat_template(meta.system.as_deref());
+        export_dir(&dir, &dir.join(format.file_name()), format, "serve-test", &template).unwrap();
+        meta.quantized = Some(QuantizedCopy { file: format.file_name(), format: format.name().into() });
+    }
+    write_student_files(&dir, &meta).unwrap();
     let lineage = Lineage {
         pipeline: "serve-test".into(),
         run_id: "r".into(),
@@ -83,7 +91,7 @@ fn reference_greedy(dir: &Path, prompt_ids: &[u32], max_new: usize, stop: u32) -
 #[test]
 fn artifact_reloads_identically_through_both_loaders_and_tampering_is_refused() {
     let root = tempfile::tempdir().unwrap();
-    let dir = trained_artifact(root.path());
+    let dir = trained_artifact(root.path(), false);
     let chat = StudentChat::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
     let loaded = load_model(dir.to_str().unwrap(), &FinetuneMode::Frozen, 0, &Device::Cpu).unwrap();
     let stop = loaded.tokenizer.im_end_id();
@@ -101,14 +109,97 @@ fn artifact_reloads_identically_through_both_loaders_and_tampering_is_refused() 
 
     // Verified before loading; one flipped byte is named in the refusal.
     let location = ModelLocation::Artifact { dir: dir.clone(), id: "serve-test".into() };
-    assert!(load(&location, "cpu").is_ok());
+    assert!(load(&location, "cpu", WeightsChoice::Auto).is_ok());
     let weights = dir.join("model.safetensors");
     let mut bytes = std::fs::read(&weights).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
     std::fs::write(&weights, bytes).unwrap();
-    let error = load(&location, "cpu").err().expect("a tampered artifact must be refused");
+    let error = load(&location, "cpu", WeightsChoice::Auto).err().expect("a tampered artifact must be refused");
     assert!(error.contains("refusing") && error.contains("model.safetensors"), "{error}");
+}
+
+fn greedy(model: &dyn ChatModel, prompt: &str) -> String {
+    let request = GenerateRequest {
+        messages: vec![Message { role: "user".into(), content: prompt.into() }],
+        max_tokens: 12,
+        temperature: 0.0,
+        top_p: 1.0,
+        stop: vec![],
+        seed: None,
+    };
+    let mut text = String::new();
+    model
+        .generate(&request, &mut |piece| {
+            text.push_str(piece);
+            true
+        })
+        .unwrap();
+    text
+}
+
+/// Greedy text from candle-transformers' quantized Qwen2 (the llama.cpp-format reference)
+/// on an exported GGUF, prompted with the system prompt the student was trained with.
+fn reference_quantized_greedy(
+    gguf: &Path,
+    tokenizer: &tangle::model::tokenizer::ChatTokenizer,
+    prompt: &str,
+) -> String {
+    use candle_core::quantized::gguf_file;
+    let mut file = std::fs::File::open(gguf).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut model =
+        candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+            .unwrap();
+    let ids = tokenizer.encode(&tangle::model::chat::render_chatml(&messages(prompt))).unwrap();
+    let (mut input, mut offset, mut out) = (ids.clone(), 0, Vec::new());
+    for _ in 0..12 {
+        let logits = model.forward(&Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), offset);
+        offset += input.len();
+        let next = logits.unwrap().squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        if next == tokenizer.im_end_id() {
+            break;
+        }
+        out.push(next);
+        input = vec![next];
+    }
+    tokenizer.decode(&out, true).unwrap()
+}
+
+/// A student exported with a Q8_0 copy is served from it by default (default system prompt
+/// applied, answers equal to candle-transformers' quantized Qwen2 on the same file), from the
+/// safetensors on request; the copy is verified like every file; asking for a copy that does
+/// not exist names the setting that makes one.
+#[test]
+fn quantized_copy_is_served_by_default_verified_and_matches_the_reference() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = trained_artifact(root.path(), true);
+    let location = ModelLocation::Artifact { dir: dir.clone(), id: "serve-test".into() };
+    let quantized = load(&location, "cpu", WeightsChoice::Auto).unwrap();
+    let full = load(&location, "cpu", WeightsChoice::Safetensors).unwrap();
+    let f32_chat = StudentChat::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let tokenizer = tangle::model::tokenizer::ChatTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    for prompt in ["label apple", "label river"] {
+        let served = greedy(quantized.as_ref(), prompt);
+        assert!(!served.is_empty(), "{prompt}");
+        assert_eq!(served, reference_quantized_greedy(&dir.join("model-q8_0.gguf"), &tokenizer, prompt), "{prompt}");
+        // Trained answers have wide margins: quantization keeps them.
+        let f32_text = f32_chat.complete(&messages(prompt), 12, Sampling::GREEDY, &[], &mut |_| true).unwrap().text;
+        assert_eq!(greedy(full.as_ref(), prompt), f32_text);
+        assert_eq!(served, f32_text, "{prompt}");
+    }
+
+    let gguf = dir.join("model-q8_0.gguf");
+    let mut bytes = std::fs::read(&gguf).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&gguf, bytes).unwrap();
+    let error = load(&location, "cpu", WeightsChoice::Auto).err().expect("a tampered copy must be refused");
+    assert!(error.contains("refusing") && error.contains("model-q8_0.gguf"), "{error}");
+
+    let plain = trained_artifact(&root.path().join("plain"), false);
+    let error = load(&ModelLocation::Directory(plain), "cpu", WeightsChoice::Gguf).err().expect("no quantized copy");
+    assert!(error.contains("no quantized weights") && error.contains("student.quantize"), "{error}");
 }
 
 struct Server {
@@ -120,7 +211,7 @@ struct Server {
 
 fn start_server() -> (tempfile::TempDir, Server) {
     let root = tempfile::tempdir().unwrap();
-    let dir = trained_artifact(root.path());
+    let dir = trained_artifact(root.path(), false);
     // In-process generations are the expectation for every HTTP answer.
     let chat = StudentChat::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
     let expected = PROMPTS

@@ -69,6 +69,7 @@ fn every_lora_adapter_gets_a_gradient() {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+        last_layers: None,
     };
     let (_dir, loaded) = load(ModelFamily::Qwen2, FinetuneMode::Lora(lora));
     // B starts at zero, which makes A's gradient exactly zero; give B a value first.
@@ -149,6 +150,7 @@ fn lora_gradients_match_finite_differences() {
         alpha: 8.0,
         dropout: 0.0,
         targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        last_layers: None,
     };
     let (_dir, loaded) = load(ModelFamily::Qwen2, FinetuneMode::Lora(lora));
     for (name, var) in vars(&loaded) {

@@ -13,12 +13,83 @@ use serde::{Deserialize, Serialize};
 /// prompted with.
 pub const STUDENT_META_FILE: &str = "tangle_student.json";
 
+/// Written next to an exported student for Hugging Face tools: the chat template tangle
+/// trained with (and the end-of-turn and padding tokens).
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StudentMeta {
     /// The system prompt used in training; applied when a request brings none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
     pub max_seq_len: usize,
+    /// A quantized copy of the weights in the same directory, which `tangle serve` prefers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantized: Option<QuantizedCopy>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QuantizedCopy {
+    /// File name, e.g. `model-q8_0.gguf`.
+    pub file: String,
+    /// `q8_0` or `q4_k`.
+    pub format: String,
+}
+
+/// A Jinja chat template that renders exactly what [`render_chatml`] does for
+/// [`StudentChat::with_default_system`]'s messages, so transformers' `apply_chat_template`
+/// and llama.cpp prompt the student as it was trained (Qwen's own template would add its
+/// default system prompt, which a student trained without one has never seen).
+pub fn chat_template(default_system: Option<&str>) -> String {
+    let mut template = String::new();
+    if let Some(system) = default_system {
+        template.push_str(&format!(
+            "{{%- if not messages or messages[0]['role'] != 'system' %}}{{{{- '{IM_START}system\\n' + {} + '{IM_END}\\n' }}}}{{%- endif %}}",
+            jinja_string(system)
+        ));
+    }
+    template.push_str(&format!(
+        "{{%- for message in messages %}}{{{{- '{IM_START}' + message['role'] + '\\n' + message['content'] + '{IM_END}\\n' }}}}{{%- endfor %}}"
+    ));
+    template.push_str(&format!("{{%- if add_generation_prompt %}}{{{{- '{IM_START}assistant\\n' }}}}{{%- endif %}}"));
+    template
+}
+
+/// A single-quoted Jinja string literal.
+fn jinja_string(text: &str) -> String {
+    let mut out = String::from("'");
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Writes `tangle_student.json` and `tokenizer_config.json` into an exported student's
+/// directory.
+pub fn write_student_files(dir: &std::path::Path, meta: &StudentMeta) -> std::io::Result<()> {
+    let to_io = |e: serde_json::Error| std::io::Error::other(e.to_string());
+    std::fs::write(dir.join(STUDENT_META_FILE), serde_json::to_string_pretty(meta).map_err(to_io)?)?;
+    let tokenizer_config = serde_json::json!({
+        "tokenizer_class": "Qwen2Tokenizer",
+        "chat_template": chat_template(meta.system.as_deref()),
+        "eos_token": IM_END,
+        "pad_token": END_OF_TEXT,
+        "bos_token": null,
+        "unk_token": null,
+        "add_bos_token": false,
+        "add_eos_token": false,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": meta.max_seq_len,
+    });
+    std::fs::write(dir.join(TOKENIZER_CONFIG_FILE), serde_json::to_string_pretty(&tokenizer_config).map_err(to_io)?)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,6 +120,17 @@ pub struct StudentChat {
     pub meta: StudentMeta,
 }
 
+/// `messages` with `system` put first unless they open with a system message of their own
+/// (what [`chat_template`] renders too).
+pub fn with_default_system(system: Option<&str>, messages: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out = Vec::with_capacity(messages.len() + 1);
+    if let (Some(system), false) = (system, messages.first().is_some_and(|(r, _)| r == "system")) {
+        out.push(("system".to_string(), system.to_string()));
+    }
+    out.extend(messages.iter().cloned());
+    out
+}
+
 /// ChatML text for a conversation, ending with the assistant's turn opened.
 pub fn render_chatml(messages: &[(String, String)]) -> String {
     let mut text = String::new();
@@ -62,13 +144,24 @@ pub fn render_chatml(messages: &[(String, String)]) -> String {
 impl StudentChat {
     pub fn load(source: &str, device: &Device) -> Result<StudentChat, LoadError> {
         let LoadedModel { model, tokenizer, dir, config, .. } = load_model(source, &FinetuneMode::Frozen, 0, device)?;
-        let meta_path = dir.join(STUDENT_META_FILE);
-        let meta = match std::fs::read_to_string(&meta_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| LoadError::Read { path: meta_path.display().to_string(), message: e.to_string() })?,
-            Err(_) => StudentMeta { system: None, max_seq_len: config.max_positions() },
-        };
+        let meta = Self::read_meta(&dir)?.unwrap_or(StudentMeta {
+            system: None,
+            max_seq_len: config.max_positions(),
+            quantized: None,
+        });
         Ok(Self::new(model, tokenizer, meta))
+    }
+
+    /// `tangle_student.json` of an exported student; `None` for other model directories.
+    pub fn read_meta(dir: &std::path::Path) -> Result<Option<StudentMeta>, LoadError> {
+        let meta_path = dir.join(STUDENT_META_FILE);
+        match std::fs::read_to_string(&meta_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| LoadError::Read { path: meta_path.display().to_string(), message: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(LoadError::Read { path: meta_path.display().to_string(), message: e.to_string() }),
+        }
     }
 
     pub fn new(model: QwenModel, tokenizer: ChatTokenizer, meta: StudentMeta) -> StudentChat {
@@ -85,12 +178,7 @@ impl StudentChat {
 
     /// The messages with the trained system prompt added when they have none.
     pub fn with_default_system(&self, messages: &[(String, String)]) -> Vec<(String, String)> {
-        let mut out = Vec::with_capacity(messages.len() + 1);
-        if let (Some(system), false) = (&self.meta.system, messages.iter().any(|(r, _)| r == "system")) {
-            out.push(("system".to_string(), system.clone()));
-        }
-        out.extend(messages.iter().cloned());
-        out
+        with_default_system(self.meta.system.as_deref(), messages)
     }
 
     /// Generates a reply. `on_text` gets each new piece of complete UTF-8 text and returns
@@ -277,6 +365,34 @@ mod tests {
         )
         .unwrap();
         (completion.text, pieces)
+    }
+
+    /// The template shipped in tokenizer_config.json and the GGUF renders, in a Jinja engine,
+    /// exactly the prompt tangle trains and serves with.
+    #[test]
+    fn chat_template_renders_what_tangle_prompts_with() {
+        let conversations: Vec<Vec<(&str, &str)>> = vec![
+            vec![("user", "Where is order #1042?")],
+            vec![("system", "Own system.\nTwo lines, 'quoted' \\ back"), ("user", "hi")],
+            vec![("user", "first"), ("assistant", "billing"), ("user", "second")],
+        ];
+        for default_system in [None, Some("Route the message.\nReply with 'one' word \\ only.")] {
+            let source = chat_template(default_system);
+            let mut env = minijinja::Environment::new();
+            env.add_template("chat", &source).unwrap();
+            let template = env.get_template("chat").unwrap();
+            for conversation in &conversations {
+                let messages: Vec<(String, String)> =
+                    conversation.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect();
+                let rendered = template
+                    .render(minijinja::context! {
+                        messages => conversation.iter().map(|(r, c)| minijinja::context! { role => r, content => c }).collect::<Vec<_>>(),
+                        add_generation_prompt => true,
+                    })
+                    .unwrap();
+                assert_eq!(rendered, render_chatml(&with_default_system(default_system, &messages)));
+            }
+        }
     }
 
     #[test]

@@ -181,8 +181,23 @@ fn config_json(g: &Gguf, tied: bool) -> Result<serde_json::Value, GgufError> {
     }))
 }
 
+/// Whether a tokenizer.json splits words with Qwen2's regex (`tokenizer.ggml.pre = qwen2`
+/// in llama.cpp's terms).
+pub(crate) fn is_qwen2_split(tokenizer: &serde_json::Value) -> bool {
+    fn walk(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(map) => {
+                map.get("Regex").and_then(|r| r.as_str()) == Some(QWEN2_SPLIT) || map.values().any(walk)
+            }
+            serde_json::Value::Array(items) => items.iter().any(walk),
+            _ => false,
+        }
+    }
+    walk(&tokenizer["pre_tokenizer"])
+}
+
 /// GGUF tensor names → Hugging Face Qwen2 names.
-fn hf_names(layers: usize, tied: bool) -> Vec<(String, String)> {
+pub(crate) fn hf_names(layers: usize, tied: bool) -> Vec<(String, String)> {
     let mut names = vec![
         ("token_embd.weight".to_string(), "model.embed_tokens.weight".to_string()),
         ("output_norm.weight".into(), "model.norm.weight".into()),

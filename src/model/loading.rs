@@ -150,7 +150,13 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
 pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>, LoadError> {
     let mut weights = HashMap::new();
     for file in weight_files(dir)? {
-        for (name, tensor) in candle_core::safetensors::load(&file, device)? {
+        // Mapped rather than read: the tensors copy straight from the page cache instead of
+        // from a second, freshly faulted buffer of the file's size (several seconds per GB
+        // on a VM). SAFETY: the map is read-only and dropped once copied; tangle replaces
+        // model files only by renaming new ones into place, never by writing through them.
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file)? };
+        for (name, _) in mapped.tensors() {
+            let tensor = mapped.load(&name, device)?;
             weights.insert(name, tensor.to_dtype(DType::F32)?);
         }
     }

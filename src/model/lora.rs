@@ -22,6 +22,8 @@ pub enum LoraError {
     UnknownTarget(String),
     #[error("LoRA rank must be at least 1")]
     ZeroRank,
+    #[error("LoRA `last_layers` must be at least 1")]
+    NoLayers,
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -39,6 +41,10 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Module names, e.g. `["q_proj", "v_proj"]`.
     pub targets: Vec<String>,
+    /// Adapt only the last N decoder layers (all when `None`). The frozen layers below run
+    /// once per example, not once per epoch, and backward stops where they begin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_layers: Option<usize>,
 }
 
 impl LoraConfig {
@@ -52,6 +58,9 @@ impl LoraConfig {
         if self.rank == 0 {
             return Err(LoraError::ZeroRank);
         }
+        if self.last_layers == Some(0) {
+            return Err(LoraError::NoLayers);
+        }
         for target in &self.targets {
             if !LORA_TARGETS.contains(&target.as_str()) {
                 return Err(LoraError::UnknownTarget(target.clone()));
@@ -63,6 +72,11 @@ impl LoraConfig {
     /// Whether the projection called `module` (e.g. `q_proj`) gets an adapter.
     pub fn targets_module(&self, module: &str) -> bool {
         self.targets.iter().any(|t| t == module)
+    }
+
+    /// Whether decoder layer `layer` (of `layers`) gets adapters.
+    pub fn adapts_layer(&self, layer: usize, layers: usize) -> bool {
+        self.last_layers.is_none_or(|n| layer + n >= layers)
     }
 }
 
@@ -115,6 +129,9 @@ pub fn init_lora_varmap(
     // this freshly created map, so `lock` cannot fail here. Still, surface it as an error.
     let mut data = varmap.data().lock().map_err(|_| candle_core::Error::Msg("LoRA varmap lock poisoned".into()))?;
     for layer in 0..model_config.num_hidden_layers {
+        if !lora.adapts_layer(layer, model_config.num_hidden_layers) {
+            continue;
+        }
         for (block, module, fan_in, fan_out) in shapes {
             if !lora.targets_module(module) {
                 continue;

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod config;
 pub mod fixture;
+pub mod gguf_export;
 pub mod gguf_import;
 pub mod loading;
 pub mod lora;

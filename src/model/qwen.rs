@@ -383,8 +383,9 @@ impl QwenModel {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for index in 0..config.num_hidden_layers {
             let p = format!("model.layers.{index}");
+            let layer_lora = lora_ref.filter(|(c, _)| c.adapts_layer(index, config.num_hidden_layers));
             let proj = |block: &str, module: &str, fan_in, fan_out, bias| {
-                Projection::load(&vb, &format!("{p}.{block}.{module}"), fan_in, fan_out, bias, lora_ref, module)
+                Projection::load(&vb, &format!("{p}.{block}.{module}"), fan_in, fan_out, bias, layer_lora, module)
             };
             let attention = Attention {
                 q_proj: proj("self_attn", "q_proj", hidden, q_out, config.qkv_bias())?,
@@ -519,10 +520,27 @@ impl QwenModel {
         input_ids: &Tensor,
         offset: usize,
         key_padding: Option<&[Vec<u32>]>,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         dropout: Option<&DropoutRng>,
     ) -> Result<Tensor> {
         let (batch, seq_len) = input_ids.dims2()?;
+        let x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?;
+        let x = self.run_layers(x, 0..self.layers.len(), (batch, seq_len), offset, key_padding, cache, dropout)?;
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps())
+    }
+
+    /// Runs decoder layers `layers` over hidden states `x` (b·t, hidden).
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        layers: std::ops::Range<usize>,
+        (batch, seq_len): (usize, usize),
+        offset: usize,
+        key_padding: Option<&[Vec<u32>]>,
+        mut cache: Option<&mut KvCache>,
+        dropout: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
         if offset + seq_len > self.config.max_positions() {
             return Err(ModelError::TooLong { len: offset + seq_len, max: self.config.max_positions() });
         }
@@ -536,12 +554,11 @@ impl QwenModel {
         let eps = self.config.rms_norm_eps();
         let mask = self.attention_mask(batch, seq_len, offset, key_padding)?;
         let context = ForwardContext { geometry, offset, mask: &mask, dropout };
-        let flat_ids = input_ids.flatten_all()?;
-        let mut x = self.embed_tokens.index_select(&flat_ids, 0)?;
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers.resize(self.layers.len(), None);
         }
-        for (index, layer) in self.layers.iter().enumerate() {
+        for index in layers {
+            let layer = &self.layers[index];
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[index]);
             let h = rms_norm(&x, &layer.input_layernorm, eps)?;
             let h = self.attention_forward(&layer.attention, &h, &context, slot)?;
@@ -555,7 +572,58 @@ impl QwenModel {
         if let Some(cache) = cache {
             cache.len += seq_len;
         }
-        rms_norm(&x, &self.norm, eps)
+        Ok(x)
+    }
+
+    /// The first decoder layer that holds a trained tensor (a variable or a LoRA adapter);
+    /// the number of layers when nothing is trained. Everything below it is frozen, so its
+    /// output for an example never changes during training.
+    pub fn first_trainable_layer(&self) -> usize {
+        if self.embed_tokens.is_variable() {
+            return 0;
+        }
+        self.layers
+            .iter()
+            .position(|layer| {
+                let a = &layer.attention;
+                let m = &layer.mlp;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                    .iter()
+                    .any(|p| p.lora.is_some() || p.weight.is_variable())
+                    || layer.input_layernorm.is_variable()
+                    || layer.post_attention_layernorm.is_variable()
+            })
+            .unwrap_or(self.layers.len())
+    }
+
+    /// Hidden states (b·t, hidden) entering decoder layer `layer`, detached: the frozen
+    /// bottom of the model, computed once per example and reused every epoch.
+    pub fn hidden_before_layer(
+        &self,
+        input_ids: &Tensor,
+        key_padding: Option<&[Vec<u32>]>,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (batch, seq_len) = input_ids.dims2()?;
+        let x = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?;
+        let layer = layer.min(self.layers.len());
+        Ok(self.run_layers(x, 0..layer, (batch, seq_len), 0, key_padding, None, None)?.detach())
+    }
+
+    /// [`QwenModel::forward_hidden`] from the hidden states `hidden` (b·t, hidden) that enter
+    /// decoder layer `layer` (see [`QwenModel::hidden_before_layer`]).
+    pub fn forward_hidden_from(
+        &self,
+        hidden: &Tensor,
+        layer: usize,
+        (batch, seq_len): (usize, usize),
+        key_padding: Option<&[Vec<u32>]>,
+        dropout: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        let layer = layer.min(self.layers.len());
+        let x =
+            self.run_layers(hidden.clone(), layer..self.layers.len(), (batch, seq_len), 0, key_padding, None, dropout)?;
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps())
     }
 
     /// Full-sequence forward to the final norm: returns hidden states (b·t, hidden), rows in

@@ -122,8 +122,20 @@ pub fn locate(reference: &str, registry_root: &Path) -> Result<ModelLocation, St
     Ok(ModelLocation::Artifact { dir: deployed.dir.join("artifact"), id: format!("{name}@{}", deployed.version) })
 }
 
+/// Which weights of an exported student to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WeightsChoice {
+    /// The quantized copy (`model-q8_0.gguf`) when the student has one, else the safetensors.
+    #[default]
+    Auto,
+    /// `model.safetensors`, full precision.
+    Safetensors,
+    /// The quantized copy; an error when there is none.
+    Gguf,
+}
+
 /// Loads what [`locate`] found. Artifacts are verified first: a tampered file is refused.
-pub fn load(location: &ModelLocation, device: &str) -> Result<Arc<dyn ChatModel>, String> {
+pub fn load(location: &ModelLocation, device: &str, weights: WeightsChoice) -> Result<Arc<dyn ChatModel>, String> {
     let device = select_device(device).map_err(|e| e.to_string())?;
     let (dir, id) = match location {
         ModelLocation::Artifact { dir, id } => {
@@ -135,6 +147,23 @@ pub fn load(location: &ModelLocation, device: &str) -> Result<Arc<dyn ChatModel>
         }
         ModelLocation::Gguf(path) => return load_gguf(path),
     };
+    let meta = StudentChat::read_meta(&dir).map_err(|e| e.to_string())?;
+    let quantized = meta.as_ref().filter(|m| m.quantized.is_some());
+    match (weights, quantized) {
+        (WeightsChoice::Auto | WeightsChoice::Gguf, Some(meta)) if device.is_cpu() => {
+            return Ok(Arc::new(super::gguf_model::GgufChatModel::load_student(&dir, meta, id)?));
+        }
+        (WeightsChoice::Gguf, Some(_)) => {
+            return Err("the quantized weights are served on the CPU only\nhint: pass `--device cpu`, or `--weights safetensors` for this device".into())
+        }
+        (WeightsChoice::Gguf, None) => {
+            return Err(format!(
+                "{} has no quantized weights\nhint: set `student.quantize: q8_0` in the pipeline, or serve with `--weights safetensors`",
+                dir.display()
+            ))
+        }
+        _ => {}
+    }
     let chat = StudentChat::load(&dir.display().to_string(), &device)
         .map_err(|e| format!("cannot load the model in {}: {e}", dir.display()))?;
     Ok(Arc::new(StudentChatModel::new(id, chat)))

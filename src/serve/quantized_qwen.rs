@@ -3,35 +3,72 @@
 //! candle-transformers' `quantized_qwen2` keeps its cache inside the model, so a cache
 //! cannot be kept for a shared prompt prefix and resumed by the next request. Here the
 //! cache is a value: cloning it is cheap (tensors are reference-counted and never mutated),
-//! so the KV of the system prompt is computed once and every request continues from it.
-//! The arithmetic is the same as candle-transformers' (tested against it).
+//! so the KV of a shared prompt prefix is computed once and later requests continue from it.
+//! The arithmetic is candle-transformers' (tested against it), except that Q8_0 rows are
+//! padded for candle's fast kernels (see [`QLinear`]).
 
-use candle_core::quantized::{gguf_file, QMatMul};
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::repeat_kv;
 
+/// Input widths the fast x86 quantized kernels take: candle's AVX-512 VNNI tiles need the
+/// inner dimension to be a multiple of 256 (a k-quant super-block).
+const FAST_KERNEL_K: usize = 256;
+
+/// A quantized projection `x Wᵀ`. Q8_0 weights whose input width is not a multiple of 256
+/// (Qwen2.5-0.5B's 896) are stored zero-padded to the next multiple, and inputs are padded
+/// to match: the zero columns leave the product unchanged, and candle then takes its tiled
+/// VNNI kernel instead of the per-row fallback (a fine-tuned 0.5B student's one-word answer
+/// went from 425 to 151 ms, BENCHMARKS.md). Re-quantizing dequantized Q8_0 values
+/// reproduces them exactly. The padded weights take 14% more memory.
+struct QLinear {
+    weight: QMatMul,
+    in_features: usize,
+    padded_in: usize,
+}
+
+impl QLinear {
+    fn new(weight: QTensor) -> Result<Self> {
+        let (_, in_features) = weight.shape().dims2()?;
+        if weight.dtype() != GgmlDType::Q8_0 || in_features % FAST_KERNEL_K == 0 {
+            return Ok(Self { weight: QMatMul::from_qtensor(weight)?, in_features, padded_in: in_features });
+        }
+        let padded_in = in_features.next_multiple_of(FAST_KERNEL_K);
+        let dense = weight.dequantize(&weight.device())?.pad_with_zeros(1, 0, padded_in - in_features)?;
+        let padded = QTensor::quantize(&dense, GgmlDType::Q8_0)?;
+        Ok(Self { weight: QMatMul::from_qtensor(padded)?, in_features, padded_in })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.padded_in == self.in_features {
+            return self.weight.forward(x);
+        }
+        self.weight.forward(&x.pad_with_zeros(D::Minus1, 0, self.padded_in - self.in_features)?)
+    }
+}
+
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: QLinear,
+    wk: QLinear,
+    wv: QLinear,
+    wo: QLinear,
     bq: Tensor,
     bk: Tensor,
     bv: Tensor,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: QLinear,
+    up: QLinear,
+    down: QLinear,
 }
 
 pub struct QuantizedQwen2 {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: QLinear,
     cos: Tensor,
     sin: Tensor,
     n_head: usize,
@@ -45,6 +82,24 @@ pub struct QuantizedQwen2 {
 pub struct KvCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
     pub len: usize,
+}
+
+impl KvCache {
+    /// The cache of the first `len` positions only (views, no copy).
+    pub fn truncated(&self, len: usize) -> Result<KvCache> {
+        if len > self.len {
+            candle_core::bail!("cannot keep {len} of {} cached positions", self.len);
+        }
+        let kv = self
+            .kv
+            .iter()
+            .map(|slot| match slot {
+                Some((k, v)) => Ok(Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { kv, len })
+    }
 }
 
 /// Positions served beyond this need a longer rope table than we precompute.
@@ -64,26 +119,26 @@ impl QuantizedQwen2 {
         let head_dim = hidden / n_head;
         let embed = ct.tensor(r, "token_embd.weight", &device)?.dequantize(&device)?;
         let output = match ct.tensor(r, "output.weight", &device) {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_qtensor(ct.tensor(r, "token_embd.weight", &device)?)?,
+            Ok(t) => QLinear::new(t)?,
+            Err(_) => QLinear::new(ct.tensor(r, "token_embd.weight", &device)?)?,
         };
         let norm = RmsNorm::from_qtensor(ct.tensor(r, "output_norm.weight", &device)?, eps)?;
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
             let mut q = |name: &str| ct.tensor(r, &format!("blk.{i}.{name}"), &device);
             layers.push(Layer {
-                wq: QMatMul::from_qtensor(q("attn_q.weight")?)?,
-                wk: QMatMul::from_qtensor(q("attn_k.weight")?)?,
-                wv: QMatMul::from_qtensor(q("attn_v.weight")?)?,
-                wo: QMatMul::from_qtensor(q("attn_output.weight")?)?,
+                wq: QLinear::new(q("attn_q.weight")?)?,
+                wk: QLinear::new(q("attn_k.weight")?)?,
+                wv: QLinear::new(q("attn_v.weight")?)?,
+                wo: QLinear::new(q("attn_output.weight")?)?,
                 bq: q("attn_q.bias")?.dequantize(&device)?,
                 bk: q("attn_k.bias")?.dequantize(&device)?,
                 bv: q("attn_v.bias")?.dequantize(&device)?,
                 attn_norm: RmsNorm::from_qtensor(q("attn_norm.weight")?, eps)?,
                 ffn_norm: RmsNorm::from_qtensor(q("ffn_norm.weight")?, eps)?,
-                gate: QMatMul::from_qtensor(q("ffn_gate.weight")?)?,
-                up: QMatMul::from_qtensor(q("ffn_up.weight")?)?,
-                down: QMatMul::from_qtensor(q("ffn_down.weight")?)?,
+                gate: QLinear::new(q("ffn_gate.weight")?)?,
+                up: QLinear::new(q("ffn_up.weight")?)?,
+                down: QLinear::new(q("ffn_down.weight")?)?,
             });
         }
         let inv_freq: Vec<f32> =
@@ -131,7 +186,7 @@ impl QuantizedQwen2 {
         let mut x = self.embed.forward(&input)?;
         for (layer, slot) in self.layers.iter().zip(cache.kv.iter_mut()) {
             let h = layer.attn_norm.forward(&x)?;
-            let heads = |w: &QMatMul, b: &Tensor, n: usize| -> Result<Tensor> {
+            let heads = |w: &QLinear, b: &Tensor, n: usize| -> Result<Tensor> {
                 w.forward(&h)?.broadcast_add(b)?.reshape((1, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
             };
             let q = candle_nn::rotary_emb::rope(&heads(&layer.wq, &layer.bq, self.n_head)?, &cos, &sin)?;

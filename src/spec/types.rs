@@ -146,6 +146,29 @@ pub struct StudentSpec {
     /// teacher's: a fine-tuned student often needs no long instructions, and a shorter
     /// prompt is cheaper to serve.
     pub system: Option<String>,
+    /// Also export the fine-tuned student as a quantized GGUF, and evaluate, deploy and
+    /// serve that copy (the full-precision one is evaluated beside it, so the report shows
+    /// what quantization changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<Quantization>,
+}
+
+/// Quantized export formats for the student.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Quantization {
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4_k")]
+    Q4K,
+}
+
+impl Quantization {
+    pub fn format(self) -> crate::model::gguf_export::QuantFormat {
+        match self {
+            Quantization::Q8_0 => crate::model::gguf_export::QuantFormat::Q8_0,
+            Quantization::Q4K => crate::model::gguf_export::QuantFormat::Q4K,
+        }
+    }
 }
 
 fn default_device() -> String {
@@ -254,6 +277,10 @@ pub struct LoraSpec {
     pub dropout: f64,
     #[serde(default = "default_lora_targets")]
     pub targets: Vec<String>,
+    /// Adapt only the last N decoder layers (default: all). Backward stops below them, and
+    /// the frozen layers' output is computed once per example instead of once per epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_layers: Option<u32>,
 }
 
 fn default_rank() -> u32 {

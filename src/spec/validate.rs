@@ -336,6 +336,9 @@ impl Checker<'_> {
             ),
             (TrainMethod::Lora, Some(lora)) => {
                 self.at_least_one("train.lora.rank", lora.rank.into());
+                if let Some(layers) = lora.last_layers {
+                    self.at_least_one("train.lora.last_layers", layers.into());
+                }
                 self.range("train.lora.alpha", lora.alpha, 0.0, 1e6, false);
                 self.range("train.lora.dropout", lora.dropout, 0.0, 1.0, true);
                 if lora.targets.is_empty() {

@@ -1,9 +1,10 @@
 //! The `eval-teacher` and `eval-student` stages.
 //!
 //! The teacher is scored on its journaled answers to the eval prompts: nothing is bought
-//! twice, and its latency and cost are the ones measured while labeling. The student
-//! generates greedily for every eval prompt, timed one request at a time, and its report
-//! carries both subjects so the gate can compare them.
+//! twice, and its latency and cost are the ones measured while labeling. The student is
+//! served by `tangle serve` in a child process, as it is deployed, and answers every eval
+//! prompt greedily, one request at a time over HTTP; its report carries both subjects so
+//! the gate can compare them.
 
 use super::label::{read_labels, LABELS_FILE};
 use super::package::MODEL_DIR;
@@ -12,10 +13,12 @@ use super::{stage_config, FingerprintContext, StageContext, StageError, StageExe
 use crate::eval::aggregate::{build_report, Generation, ReportMeta, SubjectRun, TEACHER};
 use crate::eval::metrics::Scorer;
 use crate::graph::Stage;
-use crate::model::chat::{Sampling, StudentChat};
-use crate::model::loading::select_device;
+use crate::launch;
+use crate::model::chat::StudentChat;
+use crate::model::loading::{resolve_model_dir, select_device};
 use crate::report::EvalReport;
-use crate::spec::{resolve_against, EvalSpec, StudentSpec};
+use crate::serve::models::WeightsChoice;
+use crate::spec::{resolve_against, EvalSpec, LaunchSpec, StudentSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -27,6 +30,8 @@ pub use super::gate::{REPORT_FILE, REPORT_MD_FILE};
 /// The evaluated subject's answers, for the report that merges both subjects.
 pub const GENERATIONS_FILE: &str = "generations.jsonl";
 pub const STUDENT: &str = "student";
+/// A quantized student's full-precision weights, evaluated beside it.
+pub const STUDENT_F32: &str = "student_f32";
 
 #[derive(Deserialize)]
 struct EvalConfig {
@@ -130,63 +135,192 @@ impl EvalStage {
             .collect())
     }
 
-    fn student_rows(
+    /// The student's answers, measured as it is deployed: `tangle serve` in a child process
+    /// (its own threads and memory, nothing left over from training), asked one request at
+    /// a time over the same OpenAI-compatible API the teacher answered on. A student exported
+    /// with a quantized copy is served and scored from it (`student`), and at full precision
+    /// beside it (`student_f32`), so the report shows what quantization changed.
+    fn student_runs(
         &self,
         c: &EvalConfig,
         ctx: &StageContext,
         examples: &[crate::dataset::Example],
-    ) -> Result<Vec<GenerationRow>, StageError> {
+    ) -> Result<Vec<(String, Vec<GenerationRow>)>, StageError> {
         let student = c.student.as_ref().ok_or_else(|| StageError::Failed("internal: no student section".into()))?;
-        crate::train::configure_cpu_threads();
-        let device = select_device(&student.device).map_err(|e| StageError::Failed(e.to_string()))?;
-        let (source, label) = match ctx.input("model") {
-            Some(input) => (input.dir.join(MODEL_DIR).display().to_string(), format!("{} (fine-tuned)", student.model)),
-            None => (resolve_model_source(&student.model, &ctx.spec_dir), student.model.clone()),
-        };
-        ctx.progress.set_message(format!("loading {label}"));
-        let mut chat = StudentChat::load(&source, &device)
-            .map_err(|e| StageError::Failed(format!("cannot load the student {source}: {e}")))?;
-        if ctx.input("model").is_none() {
-            // An untrained student is prompted like the trained one would be.
-            let teacher_system = ctx.spec.as_ref().and_then(|s| s.spec.teacher.as_ref()).and_then(|t| t.system.clone());
-            chat.meta.system = student_system(student, teacher_system.as_deref());
-        }
-        ctx.progress.set_length(examples.len() as u64);
-        ctx.progress.set_message("generating");
-        let mut rows = Vec::with_capacity(examples.len());
-        for example in examples {
-            if ctx.cancel.is_cancelled() {
-                return Err(StageError::Cancelled);
+        let teacher_system = ctx.spec.as_ref().and_then(|s| s.spec.teacher.as_ref()).and_then(|t| t.system.clone());
+        let system = student_system(student, teacher_system.as_deref());
+        let (dir, label) = match ctx.input("model") {
+            Some(input) => (input.dir.join(MODEL_DIR), format!("{} (fine-tuned)", student.model)),
+            None => {
+                let source = resolve_model_source(&student.model, &ctx.spec_dir);
+                let dir = resolve_model_dir(&source)
+                    .map_err(|e| StageError::Failed(format!("cannot find the student `{}`: {e}", student.model)))?;
+                (dir, student.model.clone())
             }
-            let messages = chat.with_default_system(&[("user".to_string(), prompt_of(example))]);
-            let started = Instant::now();
-            let mut first: Option<f64> = None;
-            let completion = chat
-                .complete(&messages, c.eval.max_new_tokens as usize, Sampling::GREEDY, &[], &mut |_| {
-                    first.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1000.0);
-                    true
-                })
-                .map_err(|e| StageError::Failed(format!("student generation failed on example {}: {e}", example.id)))?;
-            let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-            rows.push(GenerationRow {
-                id: example.id.clone(),
-                model: label.clone(),
-                text: completion.text.trim().to_string(),
-                latency_ms,
-                ttft_ms: Some(first.unwrap_or(latency_ms)),
-                output_tokens: completion.completion_tokens as u32,
-                // The student's cost is the machine time it occupies.
-                cost_usd: latency_ms / 3_600_000.0 * c.eval.compute_usd_per_hour,
-            });
-            ctx.progress.inc(1);
+        };
+        let meta = StudentChat::read_meta(&dir).map_err(|e| StageError::Failed(e.to_string()))?;
+        let quantized = meta
+            .and_then(|m| m.quantized)
+            .filter(|_| select_device(&student.device).map(|d| d.is_cpu()).unwrap_or(false));
+        let mut served = Vec::new();
+        if let Some(copy) = &quantized {
+            served.push((STUDENT, WeightsChoice::Gguf, format!("{label}, {}", copy.format)));
         }
-        Ok(rows)
+        let name = if served.is_empty() { STUDENT } else { STUDENT_F32 };
+        served.push((name, WeightsChoice::Safetensors, label));
+        ctx.progress.set_length((examples.len() * served.len()) as u64);
+        let mut out = Vec::with_capacity(served.len());
+        for (name, weights, label) in served {
+            let rows = self.served_rows(&dir, weights, &student.device, system.as_deref(), &label, c, ctx, examples)?;
+            out.push((name.to_string(), rows));
+        }
+        Ok(out)
     }
+
+    /// Starts `tangle serve DIR`, sends it every example greedily (streaming, so the time to
+    /// the first token is measured too), and stops it.
+    #[allow(clippy::too_many_arguments)]
+    fn served_rows(
+        &self,
+        dir: &Path,
+        weights: WeightsChoice,
+        device: &str,
+        system: Option<&str>,
+        label: &str,
+        c: &EvalConfig,
+        ctx: &StageContext,
+        examples: &[crate::dataset::Example],
+    ) -> Result<Vec<GenerationRow>, StageError> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| StageError::io("cannot find a free port for the student server", e))?
+            .port();
+        let base_url = format!("http://127.0.0.1:{port}/v1");
+        let weights = match weights {
+            WeightsChoice::Gguf => "gguf",
+            _ => "safetensors",
+        };
+        let launch = LaunchSpec {
+            // The request log (`TANGLE_SERVE_REQUEST_LOG`) counts a launched teacher's answers;
+            // the student's must not join it.
+            command: format!(
+                "unset TANGLE_SERVE_REQUEST_LOG; exec \"$TANGLE_EXE\" serve {} --port \"$TANGLE_PORT\" --device {} --weights {weights} --workers 1",
+                shell_quote(&dir.display().to_string()),
+                shell_quote(device)
+            ),
+            ready_timeout_s: 600.0,
+        };
+        ctx.progress.set_message(format!("starting {label} ({weights})"));
+        let result = ctx.runtime.block_on(async {
+            let flag = ctx.cancel.clone();
+            launch::ensure_running(&base_url, &launch, &ctx.spec_dir, &ctx.state_dir.join("logs"), &|| {
+                flag.is_cancelled()
+            })
+            .await
+            .map_err(|e| {
+                if ctx.cancel.is_cancelled() {
+                    StageError::Cancelled
+                } else {
+                    StageError::Failed(e)
+                }
+            })?;
+            ctx.progress.set_message(format!("generating with {label} ({weights})"));
+            let client = reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .build()
+                .map_err(|e| StageError::Failed(format!("HTTP client: {e}")))?;
+            let mut rows = Vec::with_capacity(examples.len());
+            for example in examples {
+                if ctx.cancel.is_cancelled() {
+                    return Err(StageError::Cancelled);
+                }
+                let mut messages = Vec::new();
+                if let Some(system) = system {
+                    messages.push(json!({ "role": "system", "content": system }));
+                }
+                messages.push(json!({ "role": "user", "content": prompt_of(example) }));
+                let body = json!({
+                    "model": "student",
+                    "messages": messages,
+                    "max_tokens": c.eval.max_new_tokens,
+                    "temperature": 0,
+                    "stream": true,
+                    "stream_options": { "include_usage": true },
+                });
+                let answer = ask_streaming(&client, &base_url, &body)
+                    .await
+                    .map_err(|e| StageError::Failed(format!("the student failed on example {}: {e}", example.id)))?;
+                rows.push(GenerationRow {
+                    id: example.id.clone(),
+                    model: label.to_string(),
+                    text: answer.text.trim().to_string(),
+                    latency_ms: answer.latency_ms,
+                    ttft_ms: Some(answer.ttft_ms.unwrap_or(answer.latency_ms)),
+                    output_tokens: answer.completion_tokens,
+                    // The student's cost is the machine time it occupies.
+                    cost_usd: answer.latency_ms / 3_600_000.0 * c.eval.compute_usd_per_hour,
+                });
+                ctx.progress.inc(1);
+            }
+            Ok(rows)
+        });
+        launch::stop(&base_url);
+        result
+    }
+}
+
+/// One streamed answer and its timing.
+struct StreamedAnswer {
+    text: String,
+    latency_ms: f64,
+    ttft_ms: Option<f64>,
+    completion_tokens: u32,
+}
+
+/// POSTs a streaming chat completion and reads it to `[DONE]`.
+async fn ask_streaming(client: &reqwest::Client, base_url: &str, body: &Value) -> Result<StreamedAnswer, String> {
+    use futures_util::StreamExt;
+    let started = Instant::now();
+    let response =
+        client.post(format!("{base_url}/chat/completions")).json(body).send().await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    if !status.is_success() {
+        let text = response.text().await.unwrap_or_default();
+        return Err(format!("HTTP {status}: {}", text.chars().take(300).collect::<String>()));
+    }
+    let mut parser = crate::providers::sse::SseParser::new();
+    let mut stream = response.bytes_stream();
+    let (mut text, mut ttft_ms, mut completion_tokens) = (String::new(), None, 0u32);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        for event in parser.push(&chunk) {
+            if event.data.trim() == "[DONE]" {
+                let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+                return Ok(StreamedAnswer { text, latency_ms, ttft_ms, completion_tokens });
+            }
+            let value: Value = serde_json::from_str(&event.data).map_err(|e| format!("bad stream chunk: {e}"))?;
+            if let Some(piece) = value["choices"][0]["delta"]["content"].as_str().filter(|p| !p.is_empty()) {
+                ttft_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1000.0);
+                text.push_str(piece);
+            }
+            if let Some(tokens) = value["usage"]["completion_tokens"].as_u64() {
+                completion_tokens = tokens.min(u64::from(u32::MAX)) as u32;
+            }
+        }
+    }
+    Err("the stream ended before `data: [DONE]`".into())
+}
+
+/// A single-quoted shell word.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 impl StageExecutor for EvalStage {
     fn logic_version(&self) -> u32 {
-        1
+        // 2: students generate through the serving models; quantized students are
+        // evaluated quantized and at full precision.
+        2
     }
 
     fn fingerprint(&self, stage: &Stage, ctx: &FingerprintContext) -> Result<Value, StageError> {
@@ -215,17 +349,19 @@ impl StageExecutor for EvalStage {
         let examples = super::dataset::read_examples(&split.dir.join(super::dataset::EVAL_FILE))?;
         let scorer = scorer(&c.eval, &ctx.spec_dir)?;
         let mut subjects = Vec::new();
-        let rows = if c.who == TEACHER {
-            self.teacher_rows(ctx, &examples)?
+        let runs = if c.who == TEACHER {
+            vec![(TEACHER.to_string(), self.teacher_rows(ctx, &examples)?)]
         } else {
-            let rows = self.student_rows(&c, ctx, &examples)?;
-            if let Some(teacher) = ctx.input("teacher_report") {
-                subjects.push(subject(TEACHER, &read_rows(&teacher.dir.join(GENERATIONS_FILE))?));
-            }
-            rows
+            self.student_runs(&c, ctx, &examples)?
         };
-        subjects.insert(0, subject(&c.who, &rows));
-        write_rows(&ctx.out_dir.join(GENERATIONS_FILE), &rows)?;
+        for (name, rows) in &runs {
+            subjects.push(subject(name, rows));
+        }
+        if let Some(teacher) = ctx.input("teacher_report").filter(|_| c.who != TEACHER) {
+            subjects.push(subject(TEACHER, &read_rows(&teacher.dir.join(GENERATIONS_FILE))?));
+        }
+        // The evaluated subject's own answers (the served form for a student).
+        write_rows(&ctx.out_dir.join(GENERATIONS_FILE), &runs[0].1)?;
 
         let spec = ctx.spec.as_ref();
         let meta = ReportMeta {

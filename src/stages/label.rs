@@ -211,7 +211,9 @@ impl StageExecutor for LabelStage {
                 for t in &teacher.targets {
                     let (Some(launch_spec), Some(base_url)) = (&t.launch, &t.base_url) else { continue };
                     let flag = ctx.cancel.clone();
-                    ctx.progress.set_message(format!("starting the teacher server at {base_url}"));
+                    if !launch::is_running(base_url) {
+                        ctx.progress.set_message(format!("starting the teacher server at {base_url}"));
+                    }
                     launch::ensure_running(base_url, launch_spec, &ctx.spec_dir, &ctx.state_dir.join("logs"), &|| {
                         flag.is_cancelled()
                     })

@@ -37,7 +37,8 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, StageError>
 
 impl StageExecutor for PackageStage {
     fn logic_version(&self) -> u32 {
-        1
+        // 2: a Files section in the model card.
+        2
     }
 
     fn fingerprint(&self, stage: &Stage, ctx: &FingerprintContext) -> Result<Value, StageError> {
@@ -55,13 +56,8 @@ impl StageExecutor for PackageStage {
             return Err(StageError::Failed(format!("the trained model at {} has no config.json", model.display())));
         }
         let out = ctx.out_dir.join(ARTIFACT_DIR);
-        for rel in fsutil::list_files(&model).map_err(|e| StageError::io("cannot list the model", e))? {
-            let target = out.join(&rel);
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| StageError::io("cannot create the artifact", e))?;
-            }
-            std::fs::copy(model.join(&rel), &target).map_err(|e| StageError::io("cannot copy the model", e))?;
-        }
+        // The trained model is a verified cache entry that nothing writes in place: link it.
+        fsutil::link_tree(&model, &out).map_err(|e| StageError::io("cannot copy the model into the artifact", e))?;
         let report: Option<EvalReport> = match ctx.input("report") {
             Some(input) => Some(read_json(&input.dir.join("report.json"))?),
             None => None,
@@ -95,8 +91,13 @@ impl StageExecutor for PackageStage {
             })
             .unwrap_or_default();
         let base_model = c.student.as_ref().map(|s| s.model.clone()).unwrap_or_default();
-        let card = model_card(&c, &base_model, &teacher, report.as_ref(), decision.as_ref());
-        std::fs::write(out.join("README.md"), card).map_err(|e| StageError::io("cannot write the model card", e))?;
+        let quantized = crate::model::chat::StudentChat::read_meta(&model)
+            .map_err(|e| StageError::Failed(e.to_string()))?
+            .and_then(|m| m.quantized);
+        let card = model_card(&c, &base_model, &teacher, quantized.as_ref(), report.as_ref(), decision.as_ref());
+        // Atomic (a rename), so a linked file of the same name is replaced, never written through.
+        fsutil::write_atomic(&out.join("README.md"), card.as_bytes())
+            .map_err(|e| StageError::io("cannot write the model card", e))?;
         let dataset_sha256 = fsutil::sha256_file(&resolve_against(&ctx.spec_dir, &c.dataset))
             .map_err(|e| StageError::io("cannot hash the dataset", e))?;
         let lineage = Lineage {
@@ -119,6 +120,7 @@ fn model_card(
     c: &PackageConfig,
     base: &str,
     teacher: &[String],
+    quantized: Option<&crate::model::chat::QuantizedCopy>,
     report: Option<&EvalReport>,
     decision: Option<&Decision>,
 ) -> String {
@@ -137,6 +139,21 @@ fn model_card(
             teacher.iter().map(|t| format!("`{t}`")).collect::<Vec<_>>().join(", ")
         }
     );
+    let _ = writeln!(out, "## Files\n");
+    let _ = writeln!(
+        out,
+        "- `model.safetensors`, `config.json`, `tokenizer.json`, `tokenizer_config.json` (with the chat template the student was trained with): a Hugging Face directory, `AutoModelForCausalLM.from_pretrained(\"path/to/artifact\")`."
+    );
+    if let Some(q) = quantized {
+        let _ = writeln!(
+            out,
+            "- `{}`: the same weights quantized to {}, for llama.cpp (`llama-cli -m {}`) and for `tangle serve`, which serves it by default (`--weights safetensors` serves the full-precision weights). The evaluation below measures both.",
+            q.file,
+            q.format.to_uppercase(),
+            q.file
+        );
+    }
+    let _ = writeln!(out, "- `manifest.json`: the sha256 of every file and the lineage of the run.\n");
     if let Some(r) = report {
         let _ = writeln!(
             out,

@@ -9,7 +9,8 @@ use super::package::MODEL_DIR;
 use super::{stage_config, StageContext, StageError, StageExecutor, StageOutcome};
 use crate::dataset::Example;
 use crate::graph::Stage;
-use crate::model::chat::{StudentMeta, STUDENT_META_FILE};
+use crate::model::chat::{chat_template, write_student_files, QuantizedCopy, StudentMeta};
+use crate::model::gguf_export;
 use crate::model::loading::{load_model, save_model_dir, select_device, FinetuneMode};
 use crate::model::lora::LoraConfig;
 use crate::model::tokenizer::ChatExample;
@@ -109,7 +110,8 @@ pub fn local_model_fingerprint(model: &str, spec_dir: &Path) -> serde_json::Valu
 
 impl StageExecutor for TrainStage {
     fn logic_version(&self) -> u32 {
-        1
+        // 2: tokenizer_config.json with the chat template; the quantized copy.
+        2
     }
 
     fn fingerprint(&self, stage: &Stage, ctx: &super::FingerprintContext) -> Result<serde_json::Value, StageError> {
@@ -137,7 +139,7 @@ impl StageExecutor for TrainStage {
             )));
         }
 
-        crate::train::configure_cpu_threads();
+        crate::cpu::configure_thread_pool();
         let device = select_device(&c.student.device).map_err(|e| StageError::Failed(e.to_string()))?;
         let mode = match t.method {
             TrainMethod::Full => FinetuneMode::Full,
@@ -150,6 +152,7 @@ impl StageExecutor for TrainStage {
                     alpha: l.alpha,
                     dropout: l.dropout,
                     targets: l.targets.clone(),
+                    last_layers: l.last_layers.map(|n| n as usize),
                 })
             }
         };
@@ -179,6 +182,7 @@ impl StageExecutor for TrainStage {
             log_path: Some(log_path.clone()),
             kd: kd.then_some(KdConfig { alpha: t.loss.alpha, temperature: t.loss.temperature }),
             stop_after_steps: test_step_limit(),
+            cache_frozen_layers: true,
         };
         let source_generation_config = std::fs::read_to_string(loaded.dir.join("generation_config.json"))
             .ok()
@@ -219,12 +223,41 @@ impl StageExecutor for TrainStage {
         let model_dir = ctx.out_dir.join(MODEL_DIR);
         save_model_dir(trainer.model(), trainer.tokenizer(), &model_dir, source_generation_config.as_ref())
             .map_err(failed("cannot export the model"))?;
-        let meta = StudentMeta { system: system.clone(), max_seq_len: c.student.max_seq_len as usize };
-        std::fs::write(
-            model_dir.join(STUDENT_META_FILE),
-            serde_json::to_string_pretty(&meta).map_err(|e| StageError::Failed(e.to_string()))?,
-        )
-        .map_err(|e| StageError::io("cannot write the student metadata", e))?;
+        let quantized = match c.student.quantize {
+            Some(quantization) => {
+                let format = quantization.format();
+                ctx.progress.set_message(format!("exporting {}", format.file_name()));
+                let name = match ctx.spec.as_ref() {
+                    Some(s) => format!("{} student ({})", s.spec.name, c.student.model),
+                    None => c.student.model.clone(),
+                };
+                let started = Instant::now();
+                let exported = gguf_export::export_dir(
+                    &model_dir,
+                    &model_dir.join(format.file_name()),
+                    format,
+                    &name,
+                    &chat_template(system.as_deref()),
+                )
+                .map_err(failed("cannot export the quantized student"))?;
+                ctx.progress.println(&format!(
+                    "exported {} ({:.0} MB, {} matrices {}, {} in q8_0 where rows do not fit its blocks) in {:.1} s",
+                    format.file_name(),
+                    exported.bytes as f64 / 1e6,
+                    exported.quantized_tensors,
+                    format.name(),
+                    exported.fallback_tensors,
+                    started.elapsed().as_secs_f64()
+                ));
+                Some(QuantizedCopy { file: format.file_name(), format: format.name().to_string() })
+            }
+            None => None,
+        };
+        let meta = StudentMeta { system: system.clone(), max_seq_len: c.student.max_seq_len as usize, quantized };
+        write_student_files(&model_dir, &meta).map_err(|e| StageError::io("cannot write the student metadata", e))?;
+        drop(trainer);
+        // Activations and optimizer state are gone; the rest of the run needs none of it.
+        crate::cpu::release_freed_memory();
         if log_path.exists() {
             std::fs::copy(&log_path, ctx.out_dir.join(TRAIN_LOG_FILE))
                 .map_err(|e| StageError::io("cannot copy the training log", e))?;

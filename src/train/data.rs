@@ -129,6 +129,9 @@ pub struct Batch {
     pub teacher: Vec<Option<TeacherTargets>>,
     /// Real (non-padding) tokens in the batch.
     pub tokens: usize,
+    /// The hidden states (b·t, hidden) entering decoder layer `.1`, when the layers below
+    /// are frozen and their output is cached: the forward pass starts there.
+    pub frozen_input: Option<(Tensor, usize)>,
 }
 
 /// Pads `examples` to a batch (right padding with `pad_id`).
@@ -163,5 +166,6 @@ pub fn make_batch(examples: &[&PreparedExample], pad_id: u32, device: &Device) -
         labels,
         teacher,
         tokens,
+        frozen_input: None,
     })
 }

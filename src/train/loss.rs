@@ -134,7 +134,12 @@ pub fn batch_loss(
     if batch.loss_rows.is_empty() {
         return Err(ModelError::Invalid("batch has no assistant tokens to learn from".into()));
     }
-    let hidden = model.forward_hidden(&batch.input_ids, Some(&batch.key_padding), dropout)?;
+    let hidden = match &batch.frozen_input {
+        Some((states, layer)) => {
+            model.forward_hidden_from(states, *layer, batch.input_ids.dims2()?, Some(&batch.key_padding), dropout)?
+        }
+        None => model.forward_hidden(&batch.input_ids, Some(&batch.key_padding), dropout)?,
+    };
     let logits = model.logits_at(&hidden, &batch.loss_rows)?;
     let ce = cross_entropy(&logits, &batch.labels)?;
     let cross_entropy_value = ce.to_scalar::<f32>()? as f64;

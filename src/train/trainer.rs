@@ -67,6 +67,14 @@ pub struct TrainConfig {
     /// Stop (checkpoint and return) once this many steps are done; the schedule still spans
     /// the full run, so a later resume continues it unchanged.
     pub stop_after_steps: Option<usize>,
+    /// Compute the frozen layers below the first trained one once per example and reuse
+    /// their output every epoch (when it fits in memory). Off only to measure or compare.
+    #[serde(default = "default_true")]
+    pub cache_frozen_layers: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for TrainConfig {
@@ -87,6 +95,7 @@ impl Default for TrainConfig {
             log_path: None,
             kd: None,
             stop_after_steps: None,
+            cache_frozen_layers: true,
         }
     }
 }
@@ -150,7 +159,19 @@ pub struct Trainer {
     stats: DataStats,
     step: usize,
     device: Device,
+    /// Per example, the hidden states (len, hidden) entering the first trained layer, when
+    /// the layers below are frozen: computed once, reused every epoch.
+    frozen_prefix: Option<FrozenPrefix>,
 }
+
+/// The frozen bottom of the model's output for every example.
+struct FrozenPrefix {
+    layer: usize,
+    hidden: Vec<Tensor>,
+}
+
+/// Largest cache of frozen-layer outputs kept in memory; beyond it they are recomputed.
+const FROZEN_PREFIX_BUDGET_BYTES: usize = 1 << 30;
 
 impl Trainer {
     /// Prepares a run: tokenizes examples (truncation and teacher mapping are counted in
@@ -193,7 +214,57 @@ impl Trainer {
             stats,
             step: 0,
             device,
+            frozen_prefix: None,
         })
+    }
+
+    /// Computes the frozen layers' output for every example when there are frozen layers
+    /// below the first trained one and the cache fits [`FROZEN_PREFIX_BUDGET_BYTES`].
+    /// Chunks are fixed (example order, `batch_size` at a time), so the values do not depend
+    /// on the epoch order and a resumed run sees the same ones.
+    fn prepare_frozen_prefix(&mut self) -> Result<(), TrainError> {
+        let layer = self.model.first_trainable_layer();
+        if !self.config.cache_frozen_layers
+            || self.frozen_prefix.is_some()
+            || layer == 0
+            || layer >= self.model.config().num_hidden_layers
+        {
+            return Ok(());
+        }
+        let tokens: usize = self.examples.iter().map(|e| e.input_ids.len()).sum();
+        if tokens * self.model.config().hidden_size * 4 > FROZEN_PREFIX_BUDGET_BYTES {
+            return Ok(());
+        }
+        let mut hidden = Vec::with_capacity(self.examples.len());
+        for chunk in self.examples.chunks(self.config.batch_size) {
+            let members: Vec<&PreparedExample> = chunk.iter().collect();
+            let batch = make_batch(&members, self.tokenizer.pad_id(), &self.device)?;
+            let width = batch.input_ids.dim(1)?;
+            let states = self.model.hidden_before_layer(&batch.input_ids, Some(&batch.key_padding), layer)?;
+            for (b, example) in chunk.iter().enumerate() {
+                // Right padding and the causal mask: a real token's state ignores the padding.
+                hidden.push(states.narrow(0, b * width, example.input_ids.len())?.contiguous()?);
+            }
+        }
+        self.frozen_prefix = Some(FrozenPrefix { layer, hidden });
+        Ok(())
+    }
+
+    /// The cached frozen-layer states of `indices`, padded with zero rows to `width`, as the
+    /// (b·width, hidden) input of the first trained layer.
+    fn frozen_input(&self, indices: &[usize], width: usize) -> Result<Option<(Tensor, usize)>, TrainError> {
+        let Some(prefix) = &self.frozen_prefix else {
+            return Ok(None);
+        };
+        let rows: Vec<Tensor> = indices
+            .iter()
+            .map(|&i| {
+                let states = &prefix.hidden[i];
+                let len = states.dim(0)?;
+                states.pad_with_zeros(0, 0, width - len)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Some((Tensor::cat(&rows, 0)?, prefix.layer)))
     }
 
     /// The model being trained.
@@ -252,6 +323,7 @@ impl Trainer {
         progress: &mut dyn FnMut(&Progress),
         cancel: &AtomicBool,
     ) -> Result<TrainOutcome, TrainError> {
+        self.prepare_frozen_prefix()?;
         let total_steps = self.total_steps();
         let total_micro = self.micro_batches_per_epoch() * self.config.epochs;
         let schedule = self.schedule();
@@ -286,7 +358,8 @@ impl Trainer {
             for (offset, micro) in (first_micro..last_micro).enumerate() {
                 let indices = self.micro_batch(micro);
                 let members: Vec<&PreparedExample> = indices.iter().map(|&i| &self.examples[i]).collect();
-                let batch = make_batch(&members, self.tokenizer.pad_id(), &self.device)?;
+                let mut batch = make_batch(&members, self.tokenizer.pad_id(), &self.device)?;
+                batch.frozen_input = self.frozen_input(&indices, batch.input_ids.dim(1)?)?;
                 tokens_seen += batch.tokens;
                 let dropout_seed = self
                     .config
