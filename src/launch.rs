@@ -104,7 +104,7 @@ pub async fn ensure_running(
     }
     let port = url_port(base_url).ok_or_else(|| format!("cannot read a port from base_url `{base_url}`"))?;
     std::fs::create_dir_all(log_dir).map_err(|e| format!("cannot create {}: {e}", log_dir.display()))?;
-    let log = log_dir.join(format!("teacher-{port}.log"));
+    let log = log_dir.join(format!("server-{port}.log"));
     let log_file = std::fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
     let log_err = log_file.try_clone().map_err(|e| format!("cannot open {}: {e}", log.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("cannot locate the tangle binary: {e}"))?;

@@ -71,7 +71,14 @@ impl GgufChatModel {
         reuse_prefix: bool,
     ) -> GgufChatModel {
         let context = model.context;
-        let stop_ids = ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
+        let stop_ids: Vec<u32> =
+            ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
+        // candle lays quantized weights out for its fast kernels on their first use; two
+        // tokens (a prompt-sized matmul) through the model now keep that (~0.6 s for the
+        // 0.5B) out of the first request. A failure here would fail every request too, so
+        // it is left to them to report.
+        let warm_up = stop_ids.first().copied().unwrap_or(0);
+        let _ = model.forward(&[warm_up, warm_up], &mut model.new_cache());
         GgufChatModel {
             id,
             model,
