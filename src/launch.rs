@@ -208,6 +208,16 @@ pub fn exit_with_launcher() {
     let Some(parent) = std::env::var("TANGLE_PARENT_PID").ok().and_then(|p| p.parse::<libc::pid_t>().ok()) else {
         return;
     };
+    // The launch command may run us under a shell that gets the launcher's SIGTERM: die the
+    // moment our own parent does, rather than at the next poll, so a request in flight when
+    // tangle is killed is never finished (and paid for) with nobody left to record it.
+    // SAFETY: prctl and getppid only read or set this process's attributes.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() == 1 {
+            std::process::exit(0);
+        }
+    }
     std::thread::Builder::new()
         .name("tangle-parent-watch".into())
         .spawn(move || loop {
