@@ -212,18 +212,7 @@ impl EvalStage {
         };
         ctx.progress.set_message(format!("starting {label} ({weights})"));
         let result = ctx.runtime.block_on(async {
-            let flag = ctx.cancel.clone();
-            launch::ensure_running(&base_url, &launch, &ctx.spec_dir, &ctx.state_dir.join("logs"), &|| {
-                flag.is_cancelled()
-            })
-            .await
-            .map_err(|e| {
-                if ctx.cancel.is_cancelled() {
-                    StageError::Cancelled
-                } else {
-                    StageError::Failed(e)
-                }
-            })?;
+            ctx.launch_server(&base_url, &launch).await?;
             ctx.progress.set_message(format!("generating with {label} ({weights})"));
             let client = reqwest::Client::builder()
                 .tcp_nodelay(true)

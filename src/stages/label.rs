@@ -210,21 +210,10 @@ impl StageExecutor for LabelStage {
             if missing > 0 {
                 for t in &teacher.targets {
                     let (Some(launch_spec), Some(base_url)) = (&t.launch, &t.base_url) else { continue };
-                    let flag = ctx.cancel.clone();
                     if !launch::is_running(base_url) {
                         ctx.progress.set_message(format!("starting the teacher server at {base_url}"));
                     }
-                    launch::ensure_running(base_url, launch_spec, &ctx.spec_dir, &ctx.state_dir.join("logs"), &|| {
-                        flag.is_cancelled()
-                    })
-                    .await
-                    .map_err(|e| {
-                        if ctx.cancel.is_cancelled() {
-                            StageError::Cancelled
-                        } else {
-                            StageError::Failed(e)
-                        }
-                    })?;
+                    ctx.launch_server(base_url, launch_spec).await?;
                     launched = true;
                 }
             }

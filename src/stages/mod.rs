@@ -72,6 +72,18 @@ pub struct StageContext {
 }
 
 impl StageContext {
+    /// Starts (or finds, when this run already did) the server `launch` describes for
+    /// `base_url`, logging under the state directory; Ctrl-C while it starts cancels.
+    pub async fn launch_server(&self, base_url: &str, launch: &crate::spec::LaunchSpec) -> Result<(), StageError> {
+        let flag = self.cancel.clone();
+        crate::launch::ensure_running(base_url, launch, &self.spec_dir, &self.state_dir.join("logs"), &|| {
+            flag.is_cancelled()
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| if self.cancel.is_cancelled() { StageError::Cancelled } else { StageError::Failed(e) })
+    }
+
     pub fn input(&self, port: &str) -> Option<&InputArtifact> {
         self.inputs.iter().find(|i| i.port == port)
     }
