@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::providers::config::GenerationParams;
 use crate::providers::{ChatMessage, ChatRequest, ChatResponse, Role, Usage};
-use crate::serve::protocol::{ChatCompletionRequest, Content, ErrorBody, Stop};
+use crate::serve::protocol::{self, ChatCompletionRequest, Content, ErrorBody, Stop};
 
 /// An error for the client, rendered as OpenAI's `{"error": {message, type, param, code}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -152,40 +152,18 @@ pub fn finish_reason(reason: Option<&str>) -> &str {
 }
 
 fn usage_json(u: Usage) -> Value {
-    json!({"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total()})
+    protocol::usage_json(u.input_tokens, u.output_tokens)
 }
 
 pub fn completion(id: &str, created: u64, alias: &str, response: &ChatResponse) -> Value {
-    json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": alias,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": response.text},
-            "finish_reason": finish_reason(response.finish_reason.as_deref()),
-            "logprobs": null,
-        }],
-        "usage": usage_json(response.usage),
-    })
+    let finish = finish_reason(response.finish_reason.as_deref());
+    protocol::completion_json(id, created, alias, &response.text, finish, usage_json(response.usage))
 }
 
-/// One `chat.completion.chunk` with a delta (or `{}`) and an optional finish reason.
-pub fn chunk(id: &str, created: u64, alias: &str, delta: Value, finish: Option<&str>) -> String {
-    json!({
-        "id": id, "object": "chat.completion.chunk", "created": created, "model": alias,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
-    })
-    .to_string()
-}
+pub use protocol::chunk_json as chunk;
 
 pub fn usage_chunk(id: &str, created: u64, alias: &str, usage: Usage) -> String {
-    json!({
-        "id": id, "object": "chat.completion.chunk", "created": created, "model": alias,
-        "choices": [], "usage": usage_json(usage),
-    })
-    .to_string()
+    protocol::usage_chunk_json(id, created, alias, usage_json(usage))
 }
 
 /// The models list: the routes a key may use.

@@ -1,4 +1,6 @@
-//! The OpenAI Chat Completions wire format, as `tangle serve` speaks it.
+//! The OpenAI Chat Completions wire format, as `tangle serve` speaks it. The response shapes
+//! (`completion_json`, `chunk_json`, `usage_chunk_json`) are shared with the proxy, so both
+//! servers answer OpenAI clients with the same bodies.
 
 use super::{FinishReason, GenerateRequest, GenerateResult, ModelError};
 use axum::response::sse::Event;
@@ -172,15 +174,21 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn usage(r: &GenerateResult) -> Value {
+/// OpenAI's `usage` object.
+pub fn usage_json(prompt_tokens: u64, completion_tokens: u64) -> Value {
     json!({
-        "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens,
-        "total_tokens": r.prompt_tokens + r.completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     })
 }
 
-pub fn completion(id: &str, created: u64, model: &str, text: &str, r: &GenerateResult) -> Value {
+fn usage(r: &GenerateResult) -> Value {
+    usage_json(r.prompt_tokens.into(), r.completion_tokens.into())
+}
+
+/// A whole `chat.completion` with one assistant choice.
+pub fn completion_json(id: &str, created: u64, model: &str, text: &str, finish_reason: &str, usage: Value) -> Value {
     json!({
         "id": id,
         "object": "chat.completion",
@@ -189,22 +197,37 @@ pub fn completion(id: &str, created: u64, model: &str, text: &str, r: &GenerateR
         "choices": [{
             "index": 0,
             "message": { "role": "assistant", "content": text },
-            "finish_reason": r.finish.as_str(),
+            "finish_reason": finish_reason,
             "logprobs": null,
         }],
-        "usage": usage(r),
+        "usage": usage,
     })
 }
 
-fn chunk(id: &str, created: u64, model: &str, delta: Value, finish: Option<FinishReason>) -> Event {
-    let body = json!({
+/// One `chat.completion.chunk` with a delta (or `{}`) and an optional finish reason.
+pub fn chunk_json(id: &str, created: u64, model: &str, delta: Value, finish: Option<&str>) -> String {
+    json!({
         "id": id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{ "index": 0, "delta": delta, "finish_reason": finish.map(FinishReason::as_str), "logprobs": null }],
-    });
-    Event::default().data(body.to_string())
+        "choices": [{ "index": 0, "delta": delta, "finish_reason": finish, "logprobs": null }],
+    })
+    .to_string()
+}
+
+/// The last chunk of a stream asked for `stream_options.include_usage`: no choices, the usage.
+pub fn usage_chunk_json(id: &str, created: u64, model: &str, usage: Value) -> String {
+    json!({ "id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage })
+        .to_string()
+}
+
+pub fn completion(id: &str, created: u64, model: &str, text: &str, r: &GenerateResult) -> Value {
+    completion_json(id, created, model, text, r.finish.as_str(), usage(r))
+}
+
+fn chunk(id: &str, created: u64, model: &str, delta: Value, finish: Option<FinishReason>) -> Event {
+    Event::default().data(chunk_json(id, created, model, delta, finish.map(FinishReason::as_str)))
 }
 
 enum Phase {
@@ -257,11 +280,8 @@ pub fn sse_events(
                     }
                 }
                 Phase::Usage(result) => {
-                    let body = json!({
-                        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [], "usage": usage(&result),
-                    });
-                    Some((Event::default().data(body.to_string()), (Phase::Done, pieces, done)))
+                    let event = Event::default().data(usage_chunk_json(&id, created, &model, usage(&result)));
+                    Some((event, (Phase::Done, pieces, done)))
                 }
                 Phase::Done => Some((Event::default().data("[DONE]"), (Phase::End, pieces, done))),
                 Phase::End => None,
