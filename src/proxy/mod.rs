@@ -60,6 +60,7 @@ use crate::ledger::{now_ms, CallRecord, GroupBy, Ledger, LedgerError, UsageFilte
 use crate::providers::config::Pricing;
 use crate::providers::{build_provider, default_http_client, ChatRequest, Provider, ProviderError};
 use crate::router::{Attempt, AttemptOutcome, RouteError, Router, RouterBuildError};
+use crate::serve::protocol;
 use crate::support::clock_now;
 
 /// The ledger's `run_id` for proxy traffic.
@@ -638,15 +639,15 @@ async fn handle(proxy: Arc<Proxy>, headers: HeaderMap, body: &[u8], anthropic: b
         Err(refusal) => return refuse(&route.alias, breaker_refusal(&refusal)),
     };
     let id = match dialect {
-        Dialect::OpenAi { .. } => crate::serve::protocol::completion_id(),
-        Dialect::Anthropic => crate::serve::protocol::completion_id().replace("chatcmpl-", "msg_"),
+        Dialect::OpenAi { .. } => protocol::completion_id(),
+        Dialect::Anthropic => protocol::completion_id().replace("chatcmpl-", "msg_"),
     };
     let admitted = Admitted {
         proxy: proxy.clone(),
         route,
         key,
         request_id: id,
-        created: crate::serve::protocol::unix_now(),
+        created: protocol::unix_now(),
         started,
         reservations,
     };
@@ -841,7 +842,7 @@ impl SseState {
         match self.dialect {
             Dialect::OpenAi { .. } => {
                 let role = json!({"role": "assistant", "content": ""});
-                let chunk = wire::chunk(&self.id, self.created, &self.alias, role, None);
+                let chunk = protocol::chunk_json(&self.id, self.created, &self.alias, role, None);
                 self.data(chunk);
             }
             Dialect::Anthropic => {
@@ -871,7 +872,8 @@ impl SseState {
             Some(RelayItem::Start { .. }) => {}
             Some(RelayItem::Delta(text)) => match self.dialect {
                 Dialect::OpenAi { .. } => {
-                    let chunk = wire::chunk(&self.id, self.created, &self.alias, json!({"content": text}), None);
+                    let chunk =
+                        protocol::chunk_json(&self.id, self.created, &self.alias, json!({"content": text}), None);
                     self.data(chunk);
                 }
                 Dialect::Anthropic => self.named(
@@ -892,7 +894,7 @@ impl SseState {
                 match self.dialect {
                     Dialect::OpenAi { include_usage } => {
                         let finish = wire::finish_reason(response.finish_reason.as_deref()).to_string();
-                        let chunk = wire::chunk(&self.id, self.created, &self.alias, json!({}), Some(&finish));
+                        let chunk = protocol::chunk_json(&self.id, self.created, &self.alias, json!({}), Some(&finish));
                         self.data(chunk);
                         if include_usage {
                             self.data(wire::usage_chunk(&self.id, self.created, &self.alias, response.usage));

@@ -160,8 +160,6 @@ pub fn completion(id: &str, created: u64, alias: &str, response: &ChatResponse) 
     protocol::completion_json(id, created, alias, &response.text, finish, usage_json(response.usage))
 }
 
-pub use protocol::chunk_json as chunk;
-
 pub fn usage_chunk(id: &str, created: u64, alias: &str, usage: Usage) -> String {
     protocol::usage_chunk_json(id, created, alias, usage_json(usage))
 }
