@@ -96,12 +96,22 @@ pub struct ServeArgs {
     pub host: String,
     #[arg(long, short = 'p', default_value_t = 8080)]
     pub port: u16,
-    /// Requests generated at once.
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
-    /// Requests that may wait before new ones get 503.
-    #[arg(long, default_value_t = 64)]
+    /// Sequences decoded together in one batch (continuous batching: requests join and
+    /// leave it at every step).
+    #[arg(long, visible_alias = "workers", default_value_t = 16)]
+    pub parallel: usize,
+    /// Requests that may wait for a place in the batch before new ones get 503.
+    #[arg(long, default_value_t = 256)]
     pub queue: usize,
+    /// KV cache size in tokens, shared by running sequences and the prefix cache.
+    #[arg(long, default_value_t = 8192)]
+    pub kv_tokens: usize,
+    /// Prompts whose KV is kept for reuse by later requests (0 turns prefix caching off).
+    #[arg(long, default_value_t = 64)]
+    pub prefix_cache: usize,
+    /// CPU threads for the forward pass (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// `max_tokens` for requests that give none.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: u32,
@@ -615,8 +625,25 @@ fn serve_command(args: &ServeArgs) -> Exit {
             return Exit::Usage;
         }
     };
+    let device = match crate::serve::models::device(&args.device) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Exit::Usage;
+        }
+    };
+    let defaults = crate::model::engine::EngineOptions::default();
+    let engine_options = crate::model::engine::EngineOptions {
+        max_running: args.parallel.max(1),
+        queue: args.queue.max(1),
+        kv_tokens: args.kv_tokens.max(64),
+        prefix_entries: args.prefix_cache,
+        threads: args.threads.unwrap_or(defaults.threads).max(1),
+        device,
+        ..defaults
+    };
     eprintln!("loading {}", args.model);
-    let model = match crate::serve::models::load(&location, &args.device, args.weights) {
+    let engine = match crate::serve::models::load(&location, args.weights, &engine_options) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e}");
@@ -624,13 +651,27 @@ fn serve_command(args: &ServeArgs) -> Exit {
         }
     };
     let options = crate::serve::ServeOptions {
-        workers: args.workers.max(1),
-        queue: args.queue.max(1),
+        engine: engine_options.clone(),
         default_max_tokens: args.max_tokens,
         request_log: args.request_log.clone(),
     };
-    let id = model.id().to_string();
-    let app = match crate::serve::router(model, options) {
+    let id = engine.info().id.clone();
+    let slot = crate::serve::ModelSlot::new(engine);
+    if crate::serve::models::follows_registry(&args.model) {
+        let followed = crate::serve::models::follow(
+            args.model.clone(),
+            args.registry.clone(),
+            args.weights,
+            engine_options,
+            std::sync::Arc::clone(&slot),
+            location,
+            std::time::Duration::from_secs(1),
+        );
+        if let Err(e) = followed {
+            eprintln!("warning: cannot follow `{}` in the registry: {e}", args.model);
+        }
+    }
+    let app = match crate::serve::router(slot, &options) {
         Ok(app) => app,
         Err(e) => {
             let path = args.request_log.as_deref().unwrap_or(std::path::Path::new("")).display().to_string();

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use tangle::artifact::{self, Lineage};
 use tangle::model::chat::{chat_template, write_student_files, QuantizedCopy, Sampling, StudentChat, StudentMeta};
 use tangle::model::config::ModelFamily;
+use tangle::model::engine::EngineOptions;
 use tangle::model::fixture::{write_tiny_model, FixtureSpec};
 use tangle::model::gguf_export::{export_dir, QuantFormat};
 use tangle::model::loading::{load_model, load_weights, save_model_dir, FinetuneMode};
 use tangle::model::tokenizer::ChatExample;
-use tangle::serve::models::{load, ModelLocation, StudentChatModel, WeightsChoice};
-use tangle::serve::{router, ChatModel, GenerateRequest, Message, ServeOptions};
+use tangle::serve::models::{load, ModelLocation, WeightsChoice};
+use tangle::serve::{router, ChatModel, GenerateRequest, Message, ModelSlot, ServeOptions};
 use tangle::train::{TrainConfig, TrainExample, Trainer};
 
 const PROMPTS: [&str; 3] = ["label apple", "label river", "copy the word stone"];
@@ -109,13 +110,15 @@ fn artifact_reloads_identically_through_both_loaders_and_tampering_is_refused() 
 
     // Verified before loading; one flipped byte is named in the refusal.
     let location = ModelLocation::Artifact { dir: dir.clone(), id: "serve-test".into() };
-    assert!(load(&location, "cpu", WeightsChoice::Auto).is_ok());
+    assert!(load(&location, WeightsChoice::Auto, &EngineOptions::default()).is_ok());
     let weights = dir.join("model.safetensors");
     let mut bytes = std::fs::read(&weights).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
     std::fs::write(&weights, bytes).unwrap();
-    let error = load(&location, "cpu", WeightsChoice::Auto).err().expect("a tampered artifact must be refused");
+    let error = load(&location, WeightsChoice::Auto, &EngineOptions::default())
+        .err()
+        .expect("a tampered artifact must be refused");
     assert!(error.contains("refusing") && error.contains("model.safetensors"), "{error}");
 }
 
@@ -175,17 +178,17 @@ fn quantized_copy_is_served_by_default_verified_and_matches_the_reference() {
     let root = tempfile::tempdir().unwrap();
     let dir = trained_artifact(root.path(), true);
     let location = ModelLocation::Artifact { dir: dir.clone(), id: "serve-test".into() };
-    let quantized = load(&location, "cpu", WeightsChoice::Auto).unwrap();
-    let full = load(&location, "cpu", WeightsChoice::Safetensors).unwrap();
+    let quantized = load(&location, WeightsChoice::Auto, &EngineOptions::default()).unwrap();
+    let full = load(&location, WeightsChoice::Safetensors, &EngineOptions::default()).unwrap();
     let f32_chat = StudentChat::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
     let tokenizer = tangle::model::tokenizer::ChatTokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     for prompt in ["label apple", "label river"] {
-        let served = greedy(quantized.as_ref(), prompt);
+        let served = greedy(&quantized, prompt);
         assert!(!served.is_empty(), "{prompt}");
         assert_eq!(served, reference_quantized_greedy(&dir.join("model-q8_0.gguf"), &tokenizer, prompt), "{prompt}");
         // Trained answers have wide margins: quantization keeps them.
         let f32_text = f32_chat.complete(&messages(prompt), 12, Sampling::GREEDY, &[], &mut |_| true).unwrap().text;
-        assert_eq!(greedy(full.as_ref(), prompt), f32_text);
+        assert_eq!(greedy(&full, prompt), f32_text);
         assert_eq!(served, f32_text, "{prompt}");
     }
 
@@ -194,11 +197,14 @@ fn quantized_copy_is_served_by_default_verified_and_matches_the_reference() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&gguf, bytes).unwrap();
-    let error = load(&location, "cpu", WeightsChoice::Auto).err().expect("a tampered copy must be refused");
+    let error =
+        load(&location, WeightsChoice::Auto, &EngineOptions::default()).err().expect("a tampered copy must be refused");
     assert!(error.contains("refusing") && error.contains("model-q8_0.gguf"), "{error}");
 
     let plain = trained_artifact(&root.path().join("plain"), false);
-    let error = load(&ModelLocation::Directory(plain), "cpu", WeightsChoice::Gguf).err().expect("no quantized copy");
+    let error = load(&ModelLocation::Directory(plain), WeightsChoice::Gguf, &EngineOptions::default())
+        .err()
+        .expect("no quantized copy");
     assert!(error.contains("no quantized weights") && error.contains("student.quantize"), "{error}");
 }
 
@@ -221,13 +227,15 @@ fn start_server() -> (tempfile::TempDir, Server) {
             (p.to_string(), text)
         })
         .collect();
-    let model =
-        Arc::new(StudentChatModel::new("tiny", StudentChat::load(dir.to_str().unwrap(), &Device::Cpu).unwrap()));
+    // Served by the engine (the f32 weights converted for it); the expectation is candle's.
+    let engine_options = EngineOptions { max_running: 2, queue: 16, ..EngineOptions::default() };
+    let location = ModelLocation::Artifact { dir: dir.clone(), id: "tiny".into() };
+    let engine = load(&location, WeightsChoice::Auto, &engine_options).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let request_log = root.path().join("requests.jsonl");
     let options =
-        ServeOptions { workers: 2, queue: 16, default_max_tokens: 16, request_log: Some(request_log.clone()) };
-    let app = router(model, options).unwrap();
+        ServeOptions { engine: engine_options, default_max_tokens: 16, request_log: Some(request_log.clone()) };
+    let app = router(ModelSlot::new(engine), &options).unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
     rt.spawn(async move { axum::serve(listener, app).await });

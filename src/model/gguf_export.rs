@@ -21,6 +21,8 @@ use std::path::Path;
 pub enum QuantFormat {
     Q8_0,
     Q4K,
+    /// Full precision: the form the engine serves a student's safetensors in.
+    F32,
 }
 
 impl QuantFormat {
@@ -29,6 +31,7 @@ impl QuantFormat {
         match self {
             QuantFormat::Q8_0 => "q8_0",
             QuantFormat::Q4K => "q4_k",
+            QuantFormat::F32 => "f32",
         }
     }
 
@@ -41,14 +44,16 @@ impl QuantFormat {
         match self {
             QuantFormat::Q8_0 => GgmlDType::Q8_0,
             QuantFormat::Q4K => GgmlDType::Q4K,
+            QuantFormat::F32 => GgmlDType::F32,
         }
     }
 
-    /// llama.cpp's `general.file_type` (LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_K_S).
+    /// llama.cpp's `general.file_type` (LLAMA_FTYPE_MOSTLY_Q8_0, _Q4_K_S, ALL_F32).
     fn file_type(self) -> u32 {
         match self {
             QuantFormat::Q8_0 => 7,
             QuantFormat::Q4K => 14,
+            QuantFormat::F32 => 0,
         }
     }
 }
@@ -168,7 +173,8 @@ fn metadata(
     let (tokens, types) = vocabulary(tokenizer, config.vocab_size, tokenizer_path)?;
     let merges = merges(tokenizer, tokenizer_path)?;
     let id_of = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
-    let pre = if is_qwen2_split(tokenizer) { "qwen2" } else { "gpt2" };
+    // llama.cpp spells GPT-2's pre-tokenizer `gpt-2`.
+    let pre = if is_qwen2_split(tokenizer) { "qwen2" } else { "gpt-2" };
     let u32_of = |n: usize| Value::U32(n as u32);
     let mut md = vec![
         ("general.architecture".to_string(), Value::String("qwen2".into())),

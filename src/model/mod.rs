@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod engine;
 pub mod fixture;
 pub mod gguf_export;
 pub mod gguf_import;

@@ -1,17 +1,21 @@
 //! What `tangle serve MODEL` can serve, and how MODEL is found: a registry reference
 //! (`production`, `NAME`, `NAME@ALIAS`, `NAME@VERSION`), a packaged artifact, a Hugging Face
 //! model directory, or a GGUF file. Artifacts are verified against their manifest before a
-//! byte of them is loaded.
+//! byte of them is loaded. Everything is served by the engine: a student's quantized GGUF
+//! as it is, its safetensors through an f32 GGUF converted once (cached under
+//! `$TANGLE_HOME/converted`, keyed by the weights' sha256).
 
-use super::{ChatModel, FinishReason, GenerateRequest, GenerateResult, ModelError};
+use super::{ChatModel, FinishReason, GenerateRequest, GenerateResult, ModelError, ModelSlot};
 use crate::artifact;
 use crate::model::chat::{Sampling, StudentChat};
-use crate::model::loading::select_device;
+use crate::model::engine::{Device, Engine, EngineOptions, ModelSource};
+use crate::model::gguf_export::{export_dir, QuantFormat};
 use crate::registry::Registry;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// A fine-tuned (or any Hugging Face Qwen-family) student.
+/// A fine-tuned (or any Hugging Face Qwen-family) student generating in process with
+/// candle, one request at a time: the reference the engine's answers are checked against.
 pub struct StudentChatModel {
     id: String,
     // The decoder keeps a dropout RNG in a RefCell, so it is not Sync; generation on CPU
@@ -134,42 +138,117 @@ pub enum WeightsChoice {
     Gguf,
 }
 
-/// Loads what [`locate`] found. Artifacts are verified first: a tampered file is refused.
-pub fn load(location: &ModelLocation, device: &str, weights: WeightsChoice) -> Result<Arc<dyn ChatModel>, String> {
-    let device = select_device(device).map_err(|e| e.to_string())?;
-    let (dir, id) = match location {
+/// Loads what [`locate`] found into an engine. Artifacts are verified first: a tampered
+/// file is refused.
+pub fn load(location: &ModelLocation, weights: WeightsChoice, options: &EngineOptions) -> Result<Engine, String> {
+    let source = source(location, weights)?;
+    Engine::start(source, options.clone())
+}
+
+/// `--device` for the engine.
+pub fn device(text: &str) -> Result<Device, String> {
+    Device::parse(text)
+}
+
+fn source(location: &ModelLocation, weights: WeightsChoice) -> Result<ModelSource, String> {
+    let (dir, id, manifest) = match location {
         ModelLocation::Artifact { dir, id } => {
-            artifact::verify(dir).map_err(|e| format!("refusing to serve {}: {e}", dir.display()))?;
-            (dir.clone(), id.clone())
+            let manifest = artifact::verify(dir).map_err(|e| format!("refusing to serve {}: {e}", dir.display()))?;
+            (dir.clone(), id.clone(), Some(manifest))
         }
         ModelLocation::Directory(dir) => {
-            (dir.clone(), dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default())
+            (dir.clone(), dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(), None)
         }
-        ModelLocation::Gguf(path) => return load_gguf(path),
+        ModelLocation::Gguf(path) => {
+            let tokenizer = crate::model::gguf_import::load_tokenizer(path).map_err(|e| e.to_string())?;
+            let id = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "gguf".into());
+            return Ok(ModelSource { id, gguf: path.clone(), tokenizer, default_system: None });
+        }
     };
     let meta = StudentChat::read_meta(&dir).map_err(|e| e.to_string())?;
-    let quantized = meta.as_ref().filter(|m| m.quantized.is_some());
-    match (weights, quantized) {
-        (WeightsChoice::Auto | WeightsChoice::Gguf, Some(meta)) if device.is_cpu() => {
-            return Ok(Arc::new(super::gguf_model::GgufChatModel::load_student(&dir, meta, id)?));
-        }
-        (WeightsChoice::Gguf, Some(_)) => {
-            return Err("the quantized weights are served on the CPU only\nhint: pass `--device cpu`, or `--weights safetensors` for this device".into())
-        }
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| format!("cannot load {}: {e}", tokenizer_path.display()))?;
+    let default_system = meta.as_ref().and_then(|m| m.system.clone());
+    let quantized = meta.as_ref().and_then(|m| m.quantized.clone());
+    let gguf = match (weights, quantized) {
+        (WeightsChoice::Auto | WeightsChoice::Gguf, Some(copy)) => dir.join(&copy.file),
         (WeightsChoice::Gguf, None) => {
             return Err(format!(
                 "{} has no quantized weights\nhint: set `student.quantize: q8_0` in the pipeline, or serve with `--weights safetensors`",
                 dir.display()
             ))
         }
-        _ => {}
-    }
-    let chat = StudentChat::load(&dir.display().to_string(), &device)
-        .map_err(|e| format!("cannot load the model in {}: {e}", dir.display()))?;
-    Ok(Arc::new(StudentChatModel::new(id, chat)))
+        _ => {
+            // A verified artifact's manifest already holds the weights' hash.
+            let digest = manifest.and_then(|m| m.files.get(WEIGHTS_FILE).cloned());
+            full_precision_gguf(&dir, digest, default_system.as_deref())?
+        }
+    };
+    Ok(ModelSource { id, gguf, tokenizer, default_system })
 }
 
-fn load_gguf(path: &Path) -> Result<Arc<dyn ChatModel>, String> {
-    let model = super::gguf_model::GgufChatModel::load(path)?;
-    Ok(Arc::new(model))
+const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// The f32 GGUF of a model directory's safetensors, converted on first use and kept
+/// under `$TANGLE_HOME/converted/f32-<sha256 of the weights>.gguf`.
+fn full_precision_gguf(dir: &Path, digest: Option<String>, system: Option<&str>) -> Result<PathBuf, String> {
+    let weights = dir.join(WEIGHTS_FILE);
+    let digest = match digest {
+        Some(d) => d,
+        None => crate::fsutil::sha256_file(&weights).map_err(|e| format!("cannot read {}: {e}", weights.display()))?,
+    };
+    let root = crate::model::gguf_import::converted_root();
+    std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    let out = root.join(format!("f32-{}.gguf", &digest[..24]));
+    if out.is_file() {
+        return Ok(out);
+    }
+    let tmp = root.join(format!(".tmp-{}-f32-{}.gguf", std::process::id(), &digest[..24]));
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let template = crate::model::chat::chat_template(system);
+    export_dir(dir, &tmp, QuantFormat::F32, &name, &template)
+        .map_err(|e| format!("cannot prepare {} for serving: {e}", dir.display()))?;
+    std::fs::rename(&tmp, &out).map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    Ok(out)
+}
+
+/// Whether `reference` names something in the registry (and so can move) rather than a
+/// path.
+pub fn follows_registry(reference: &str) -> bool {
+    !Path::new(reference).exists()
+}
+
+/// Keeps `slot` on what `reference` points at in the registry: every `interval`, the
+/// reference is resolved again; when it moved (a promote or a rollback), the new version
+/// is loaded beside the old one and swapped in. Runs on its own thread until the process
+/// ends; failures to load are reported and the old version keeps answering.
+pub fn follow(
+    reference: String,
+    registry: PathBuf,
+    weights: WeightsChoice,
+    options: EngineOptions,
+    slot: Arc<ModelSlot>,
+    mut current: ModelLocation,
+    interval: std::time::Duration,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name("tangle-serve-follow".into()).spawn(move || loop {
+        std::thread::sleep(interval);
+        let Ok(next) = locate(&reference, &registry) else { continue };
+        if next == current {
+            continue;
+        }
+        match load(&next, weights, &options) {
+            Ok(engine) => {
+                eprintln!("`{reference}` moved: now serving {}", engine.info().id);
+                slot.replace(engine);
+                current = next;
+            }
+            Err(e) => {
+                eprintln!("warning: `{reference}` moved but the new version cannot be served: {e}");
+                current = next;
+            }
+        }
+    })?;
+    Ok(())
 }

@@ -1,13 +1,13 @@
-//! The OpenAI Chat Completions wire format, as `tangle serve` speaks it. The response shapes
-//! (`completion_json`, `chunk_json`, `usage_chunk_json`) are shared with the proxy, so both
-//! servers answer OpenAI clients with the same bodies.
+//! The OpenAI wire format, as `tangle serve` speaks it: Chat Completions (with `n`,
+//! `seed`, `logprobs`/`top_logprobs`, structured output) and the legacy Completions with
+//! vLLM's prompt scoring (`echo` + `logprobs`). The response shapes (`completion_json`,
+//! `chunk_json`, `usage_chunk_json`) are shared with the proxy, so both servers answer
+//! OpenAI clients with the same bodies. No I/O here: requests in, plans and JSON out.
 
-use super::{FinishReason, GenerateRequest, GenerateResult, ModelError};
-use axum::response::sse::Event;
-use futures_util::Stream;
+use super::{GenerateRequest, GenerateResult};
+use crate::model::engine::{Grammar, ModelInfo, TokenLogprob};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
@@ -30,6 +30,14 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     pub n: Option<u32>,
     pub seed: Option<u64>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u32>,
+    pub response_format: Option<Value>,
+    /// vLLM's spelling of a choice among fixed strings (`extra_body`).
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_regex: Option<String>,
+    pub guided_json: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,10 +76,26 @@ pub struct StreamOptions {
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
+/// A checked chat request: what to generate and how to answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatPlan {
+    pub generate: GenerateRequest,
+    pub n: u32,
+    /// `Some(k)`: each token's logprob and k alternatives.
+    pub logprobs: Option<u32>,
+    pub grammar: Option<Grammar>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Most alternatives per position, as OpenAI allows.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+type Invalid = (String, &'static str);
+
 impl ChatCompletionRequest {
-    /// Checks the request; returns what to generate, whether to stream, and whether to send a
-    /// usage chunk. `Err` is (message, offending parameter).
-    pub fn validate(self, default_max_tokens: u32) -> Result<(GenerateRequest, bool, bool), (String, &'static str)> {
+    /// Checks the request. `Err` is (message, offending parameter).
+    pub fn validate(self, default_max_tokens: u32) -> Result<ChatPlan, Invalid> {
         if self.messages.is_empty() {
             return Err(("`messages` must not be empty".into(), "messages"));
         }
@@ -105,33 +129,191 @@ impl ChatCompletionRequest {
             let role = if m.role == "developer" { "system".to_string() } else { m.role };
             messages.push(Message { role, content });
         }
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(("only `n: 1` is supported".into(), "n"));
-        }
-        let temperature = self.temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(("`temperature` must be between 0 and 2".into(), "temperature"));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(("`top_p` must be in (0, 1]".into(), "top_p"));
-        }
+        let n = self.n.unwrap_or(1);
+        let (temperature, top_p) = sampling(self.temperature, self.top_p)?;
         let max_tokens = self.max_completion_tokens.or(self.max_tokens).unwrap_or(default_max_tokens);
         if max_tokens == 0 {
             return Err(("`max_tokens` must be at least 1".into(), "max_tokens"));
         }
-        let stop = match self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) if v.len() <= 4 => v,
-            Some(Stop::Many(_)) => return Err(("at most 4 `stop` sequences are allowed".into(), "stop")),
+        let stop = stop_list(self.stop)?;
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (_, Some(k)) if k > MAX_TOP_LOGPROBS => {
+                return Err((format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}"), "top_logprobs"))
+            }
+            (false, Some(_)) => return Err(("`top_logprobs` needs `logprobs: true`".into(), "top_logprobs")),
+            (true, k) => Some(k.unwrap_or(0)),
+            (false, None) => None,
         };
+        let grammar = grammar(self.response_format, self.guided_choice, self.guided_regex, self.guided_json)?;
         let include_usage = self.stream_options.is_some_and(|o| o.include_usage);
-        Ok((
-            GenerateRequest { messages, max_tokens, temperature, top_p, stop, seed: self.seed },
-            self.stream,
+        Ok(ChatPlan {
+            generate: GenerateRequest { messages, max_tokens, temperature, top_p, stop, seed: self.seed },
+            n,
+            logprobs,
+            grammar,
+            stream: self.stream,
             include_usage,
-        ))
+        })
+    }
+}
+
+fn sampling(temperature: Option<f32>, top_p: Option<f32>) -> Result<(f32, f32), Invalid> {
+    let temperature = temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(("`temperature` must be between 0 and 2".into(), "temperature"));
+    }
+    let top_p = top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(("`top_p` must be in (0, 1]".into(), "top_p"));
+    }
+    Ok((temperature, top_p))
+}
+
+fn stop_list(stop: Option<Stop>) -> Result<Vec<String>, Invalid> {
+    match stop {
+        None => Ok(Vec::new()),
+        Some(Stop::One(s)) => Ok(vec![s]),
+        Some(Stop::Many(v)) if v.len() <= 4 => Ok(v),
+        Some(Stop::Many(_)) => Err(("at most 4 `stop` sequences are allowed".into(), "stop")),
+    }
+}
+
+/// The output constraint a request asks for: OpenAI's `response_format` (`json_schema`,
+/// `json_object`, `text`), or vLLM's `guided_choice` / `guided_regex` / `guided_json`.
+fn grammar(
+    response_format: Option<Value>,
+    choice: Option<Vec<String>>,
+    regex: Option<String>,
+    json_schema: Option<Value>,
+) -> Result<Option<Grammar>, Invalid> {
+    let mut asked = Vec::new();
+    if let Some(format) = response_format {
+        match format["type"].as_str() {
+            Some("text") => {}
+            Some("json_object") => asked.push(Grammar::JsonObject),
+            Some("json_schema") => match format["json_schema"]["schema"].clone() {
+                Value::Object(schema) => asked.push(Grammar::JsonSchema(Value::Object(schema))),
+                _ => {
+                    return Err((
+                        "`response_format.json_schema.schema` must be a JSON Schema object".into(),
+                        "response_format",
+                    ))
+                }
+            },
+            _ => {
+                return Err((
+                    "`response_format.type` must be `text`, `json_object` or `json_schema`".into(),
+                    "response_format",
+                ))
+            }
+        }
+    }
+    if let Some(options) = choice {
+        if options.is_empty() {
+            return Err(("`guided_choice` needs at least one option".into(), "guided_choice"));
+        }
+        asked.push(Grammar::Choice(options));
+    }
+    if let Some(pattern) = regex {
+        asked.push(Grammar::Regex(pattern));
+    }
+    if let Some(schema) = json_schema {
+        asked.push(Grammar::JsonSchema(schema));
+    }
+    match asked.len() {
+        0 | 1 => Ok(asked.pop()),
+        _ => Err(("ask for one output format: `response_format` or one `guided_*` option".into(), "response_format")),
+    }
+}
+
+/// `/v1/completions`: a raw prompt, optionally scored (`echo` with `logprobs`).
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub echo: bool,
+    pub logprobs: Option<u32>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_regex: Option<String>,
+    pub guided_json: Option<Value>,
+    pub response_format: Option<Value>,
+}
+
+/// A prompt as text or as token ids (one prompt per request).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletionPlan {
+    pub prompt: PromptInput,
+    pub max_tokens: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+    pub n: u32,
+    pub echo: bool,
+    pub logprobs: Option<u32>,
+    pub grammar: Option<Grammar>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// OpenAI's default `max_tokens` for completions.
+const COMPLETION_MAX_TOKENS: u32 = 16;
+
+impl CompletionRequest {
+    pub fn validate(self) -> Result<CompletionPlan, Invalid> {
+        let prompt = match self.prompt {
+            Prompt::Text(t) => PromptInput::Text(t),
+            Prompt::Texts(mut v) if v.len() == 1 => PromptInput::Text(v.remove(0)),
+            Prompt::Texts(_) => return Err(("send one prompt per request".into(), "prompt")),
+            Prompt::Tokens(ids) => PromptInput::Tokens(ids),
+        };
+        let (temperature, top_p) = sampling(self.temperature, self.top_p)?;
+        let max_tokens = self.max_tokens.unwrap_or(COMPLETION_MAX_TOKENS);
+        if max_tokens == 0 && !self.echo {
+            return Err(("`max_tokens: 0` is only meaningful with `echo: true`".into(), "max_tokens"));
+        }
+        if self.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err((format!("`logprobs` must be at most {MAX_TOP_LOGPROBS}"), "logprobs"));
+        }
+        Ok(CompletionPlan {
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            stop: stop_list(self.stop)?,
+            seed: self.seed,
+            n: self.n.unwrap_or(1),
+            echo: self.echo,
+            logprobs: self.logprobs,
+            grammar: grammar(self.response_format, self.guided_choice, self.guided_regex, self.guided_json)?,
+            stream: self.stream,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+        })
     }
 }
 
@@ -183,37 +365,18 @@ pub fn usage_json(prompt_tokens: u64, completion_tokens: u64) -> Value {
     })
 }
 
-fn usage(r: &GenerateResult) -> Value {
+pub fn usage(r: &GenerateResult) -> Value {
     usage_json(r.prompt_tokens.into(), r.completion_tokens.into())
 }
 
 /// A whole `chat.completion` with one assistant choice.
 pub fn completion_json(id: &str, created: u64, model: &str, text: &str, finish_reason: &str, usage: Value) -> Value {
-    json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "finish_reason": finish_reason,
-            "logprobs": null,
-        }],
-        "usage": usage,
-    })
+    chat_completion_json(id, created, model, vec![chat_choice(0, text, finish_reason, None)], usage)
 }
 
 /// One `chat.completion.chunk` with a delta (or `{}`) and an optional finish reason.
 pub fn chunk_json(id: &str, created: u64, model: &str, delta: Value, finish: Option<&str>) -> String {
-    json!({
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{ "index": 0, "delta": delta, "finish_reason": finish, "logprobs": null }],
-    })
-    .to_string()
+    choice_chunk_json(id, created, model, 0, delta, finish, None)
 }
 
 /// The last chunk of a stream asked for `stream_options.include_usage`: no choices, the usage.
@@ -222,70 +385,142 @@ pub fn usage_chunk_json(id: &str, created: u64, model: &str, usage: Value) -> St
         .to_string()
 }
 
-pub fn completion(id: &str, created: u64, model: &str, text: &str, r: &GenerateResult) -> Value {
-    completion_json(id, created, model, text, r.finish.as_str(), usage(r))
+/// One chat choice with its message, finish reason and (when asked) logprobs.
+pub fn chat_choice(index: u32, text: &str, finish: &str, logprobs: Option<Value>) -> Value {
+    json!({
+        "index": index,
+        "message": { "role": "assistant", "content": text },
+        "finish_reason": finish,
+        "logprobs": logprobs.map_or(Value::Null, |content| json!({ "content": content, "refusal": null })),
+    })
 }
 
-fn chunk(id: &str, created: u64, model: &str, delta: Value, finish: Option<FinishReason>) -> Event {
-    Event::default().data(chunk_json(id, created, model, delta, finish.map(FinishReason::as_str)))
+/// A whole `chat.completion` with these choices.
+pub fn chat_completion_json(id: &str, created: u64, model: &str, choices: Vec<Value>, usage: Value) -> Value {
+    json!({ "id": id, "object": "chat.completion", "created": created, "model": model, "choices": choices, "usage": usage })
 }
 
-enum Phase {
-    Start,
-    Pieces,
-    Usage(GenerateResult),
-    Done,
-    End,
-}
-
-/// The SSE events of a streamed completion: the role, each text piece as it is generated,
-/// the finish reason, the usage chunk when asked for, and `[DONE]`.
-pub fn sse_events(
-    id: String,
+/// A `chat.completion.chunk` for one choice.
+pub fn choice_chunk_json(
+    id: &str,
     created: u64,
-    model: String,
-    pieces: mpsc::UnboundedReceiver<String>,
-    done: oneshot::Receiver<Result<(String, GenerateResult), ModelError>>,
-    include_usage: bool,
-) -> impl Stream<Item = Event> {
-    let state = (Phase::Start, pieces, Some(done));
-    futures_util::stream::unfold(state, move |(phase, mut pieces, mut done)| {
-        let (id, model) = (id.clone(), model.clone());
-        async move {
-            match phase {
-                Phase::Start => {
-                    let event = chunk(&id, created, &model, json!({ "role": "assistant", "content": "" }), None);
-                    Some((event, (Phase::Pieces, pieces, done)))
-                }
-                Phase::Pieces => {
-                    if let Some(piece) = pieces.recv().await {
-                        let event = chunk(&id, created, &model, json!({ "content": piece }), None);
-                        return Some((event, (Phase::Pieces, pieces, done)));
-                    }
-                    let outcome = match done.take() {
-                        Some(rx) => rx.await.unwrap_or_else(|_| Err(ModelError::Failed("the worker stopped".into()))),
-                        None => Err(ModelError::Failed("internal: no result".into())),
-                    };
-                    match outcome {
-                        Ok((_, result)) => {
-                            let event = chunk(&id, created, &model, json!({}), Some(result.finish));
-                            let next = if include_usage { Phase::Usage(result) } else { Phase::Done };
-                            Some((event, (next, pieces, done)))
-                        }
-                        Err(e) => {
-                            let body = ErrorBody::new("server_error", e.to_string(), None);
-                            let event = Event::default().data(serde_json::to_string(&body).unwrap_or_default());
-                            Some((event, (Phase::Done, pieces, done)))
-                        }
-                    }
-                }
-                Phase::Usage(result) => {
-                    let event = Event::default().data(usage_chunk_json(&id, created, &model, usage(&result)));
-                    Some((event, (Phase::Done, pieces, done)))
-                }
-                Phase::Done => Some((Event::default().data("[DONE]"), (Phase::End, pieces, done))),
-                Phase::End => None,
+    model: &str,
+    index: u32,
+    delta: Value,
+    finish: Option<&str>,
+    logprobs: Option<Value>,
+) -> String {
+    json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": index,
+            "delta": delta,
+            "finish_reason": finish,
+            "logprobs": logprobs.map_or(Value::Null, |content| json!({ "content": content, "refusal": null })),
+        }],
+    })
+    .to_string()
+}
+
+/// One entry of chat `logprobs.content`: the token, its logprob and bytes, and the
+/// alternatives.
+pub fn chat_token_logprob(info: &ModelInfo, t: &TokenLogprob) -> Value {
+    let entry = |id: u32, logprob: f32| json!({ "token": info.token_text(id), "logprob": logprob, "bytes": info.token_bytes(id) });
+    let mut value = entry(t.token, t.logprob);
+    value["top_logprobs"] = t.top.iter().map(|&(id, lp)| entry(id, lp)).collect();
+    value
+}
+
+/// Legacy completions' `logprobs` object over a list of scored tokens (`None`: the first
+/// prompt token, which nothing predicts). `text_offset` counts bytes of the choice's text.
+pub fn completion_logprobs(info: &ModelInfo, tokens: &[(u32, Option<&TokenLogprob>)], first_offset: usize) -> Value {
+    let mut offset = first_offset;
+    let mut texts = Vec::new();
+    let mut logprobs = Vec::new();
+    let mut tops = Vec::new();
+    let mut offsets = Vec::new();
+    for (id, scored) in tokens {
+        let text = info.token_text(*id);
+        offsets.push(offset);
+        offset += text.len();
+        texts.push(Value::from(text));
+        match scored {
+            Some(t) => {
+                logprobs.push(Value::from(t.logprob));
+                let top: serde_json::Map<String, Value> =
+                    t.top.iter().map(|&(alt, lp)| (info.token_text(alt), Value::from(lp))).collect();
+                tops.push(Value::Object(top));
+            }
+            None => {
+                logprobs.push(Value::Null);
+                tops.push(Value::Null);
             }
         }
-    })
+    }
+    json!({ "tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets })
+}
+
+/// One `text_completion` choice.
+pub fn text_choice(index: u32, text: &str, finish: Option<&str>, logprobs: Option<Value>) -> Value {
+    json!({ "index": index, "text": text, "finish_reason": finish, "logprobs": logprobs.unwrap_or(Value::Null) })
+}
+
+pub fn text_completion_json(id: &str, created: u64, model: &str, choices: Vec<Value>, usage: Option<Value>) -> Value {
+    let mut body =
+        json!({ "id": id, "object": "text_completion", "created": created, "model": model, "choices": choices });
+    if let Some(usage) = usage {
+        body["usage"] = usage;
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: Value) -> Result<ChatPlan, Invalid> {
+        serde_json::from_value::<ChatCompletionRequest>(body).unwrap().validate(16)
+    }
+
+    #[test]
+    fn chat_requests_carry_logprobs_n_and_formats() {
+        let plan = chat(json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "n": 3, "seed": 7, "logprobs": true, "top_logprobs": 5,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        }))
+        .unwrap();
+        assert_eq!((plan.n, plan.logprobs, plan.generate.seed), (3, Some(5), Some(7)));
+        assert_eq!(plan.grammar, Some(Grammar::JsonSchema(json!({"type": "object"}))));
+        let plan = chat(json!({"messages": [{"role": "user", "content": "hi"}], "guided_choice": ["a", "b"]})).unwrap();
+        assert_eq!(plan.grammar, Some(Grammar::Choice(vec!["a".into(), "b".into()])));
+    }
+
+    #[test]
+    fn bad_chat_options_name_their_parameter() {
+        let base = |extra: Value| {
+            let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            chat(body).unwrap_err().1
+        };
+        assert_eq!(base(json!({"logprobs": true, "top_logprobs": 21})), "top_logprobs");
+        assert_eq!(base(json!({"top_logprobs": 2})), "top_logprobs");
+        assert_eq!(base(json!({"response_format": {"type": "yaml"}})), "response_format");
+        assert_eq!(base(json!({"guided_choice": [], "response_format": {"type": "text"}})), "guided_choice");
+        assert_eq!(base(json!({"guided_choice": ["a"], "guided_regex": "b"})), "response_format");
+        assert_eq!(base(json!({"max_tokens": 0})), "max_tokens");
+    }
+
+    #[test]
+    fn completions_allow_scoring_only_with_echo() {
+        let plan = |body: Value| serde_json::from_value::<CompletionRequest>(body).unwrap().validate();
+        let scored = plan(json!({"prompt": "a b", "echo": true, "logprobs": 1, "max_tokens": 0})).unwrap();
+        assert_eq!((scored.echo, scored.logprobs, scored.max_tokens), (true, Some(1), 0));
+        assert_eq!(plan(json!({"prompt": "a", "max_tokens": 0})).unwrap_err().1, "max_tokens");
+        assert_eq!(plan(json!({"prompt": [1, 2, 3]})).unwrap().prompt, PromptInput::Tokens(vec![1, 2, 3]));
+        assert_eq!(plan(json!({"prompt": "a"})).unwrap().max_tokens, 16);
+    }
 }

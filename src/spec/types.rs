@@ -37,6 +37,10 @@ pub struct TeacherSpec {
     pub logprobs: Option<u32>,
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
+    /// Calls in flight while labeling the eval split, whose latencies the report sets
+    /// beside the student's (measured one request at a time); default `concurrency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_concurrency: Option<u32>,
     pub rate_limits: Option<RateLimits>,
     pub budget: Option<Budget>,
     /// Price of the teacher's tokens; targets may override it.

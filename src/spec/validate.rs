@@ -225,6 +225,9 @@ impl Checker<'_> {
             }
         }
         self.at_least_one("teacher.concurrency", teacher.concurrency.into());
+        if let Some(n) = teacher.eval_concurrency {
+            self.at_least_one("teacher.eval_concurrency", n.into());
+        }
         self.range("teacher.timeout_s", teacher.timeout_s, 0.0, 3600.0, false);
         if let Some(p) = &teacher.pricing {
             self.pricing("teacher.pricing", p);

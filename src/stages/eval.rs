@@ -15,7 +15,7 @@ use crate::eval::metrics::Scorer;
 use crate::graph::Stage;
 use crate::launch;
 use crate::model::chat::StudentChat;
-use crate::model::loading::{resolve_model_dir, select_device};
+use crate::model::loading::resolve_model_dir;
 use crate::report::EvalReport;
 use crate::serve::models::WeightsChoice;
 use crate::spec::{resolve_against, EvalSpec, LaunchSpec, StudentSpec};
@@ -159,9 +159,7 @@ impl EvalStage {
             }
         };
         let meta = StudentChat::read_meta(&dir).map_err(|e| StageError::Failed(e.to_string()))?;
-        let quantized = meta
-            .and_then(|m| m.quantized)
-            .filter(|_| select_device(&student.device).map(|d| d.is_cpu()).unwrap_or(false));
+        let quantized = meta.and_then(|m| m.quantized);
         let mut served = Vec::new();
         if let Some(copy) = &quantized {
             served.push((STUDENT, WeightsChoice::Gguf, format!("{label}, {}", copy.format)));
@@ -204,7 +202,7 @@ impl EvalStage {
             // The request log (`TANGLE_SERVE_REQUEST_LOG`) counts a launched teacher's answers;
             // the student's must not join it.
             command: format!(
-                "unset TANGLE_SERVE_REQUEST_LOG; exec \"$TANGLE_EXE\" serve {} --port \"$TANGLE_PORT\" --device {} --weights {weights} --workers 1",
+                "unset TANGLE_SERVE_REQUEST_LOG; exec \"$TANGLE_EXE\" serve {} --port \"$TANGLE_PORT\" --device {} --weights {weights} --parallel 1",
                 shell_quote(&dir.display().to_string()),
                 shell_quote(device)
             ),

@@ -221,7 +221,11 @@ impl StageExecutor for LabelStage {
                 .map_err(|e| StageError::Failed(format!("teacher targets: {e}")))?;
             let ledger = Ledger::open(&ctx.state_dir.join("ledger.sqlite"))
                 .map_err(|e| StageError::Failed(format!("cannot open the token ledger: {e}")))?;
-            let mut settings = LabelSettings::new(&ctx.run_id, &stage.name, teacher.concurrency as usize);
+            let concurrency = match c.part.as_str() {
+                "eval" => teacher.eval_concurrency.unwrap_or(teacher.concurrency),
+                _ => teacher.concurrency,
+            };
+            let mut settings = LabelSettings::new(&ctx.run_id, &stage.name, concurrency as usize);
             if let Some(b) = &teacher.budget {
                 settings.budget = pc::Budget { max_tokens: b.max_tokens, max_cost_usd: b.max_cost_usd };
             }
