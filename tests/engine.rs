@@ -185,8 +185,11 @@ fn prompt_scores_equal_the_f32_models_log_softmax() {
 
 #[test]
 fn seeded_sampling_repeats_inside_a_batch_and_n_choices_differ() {
+    // Beside other traffic a seeded request repeats exactly on an f32 model, whose attention
+    // is batch-independent; quantized models use flash attention, where neighbours move
+    // probabilities by ~1e-3 (ARCHITECTURE.md, "The engine").
     let root = tempfile::tempdir().unwrap();
-    let (dir, gguf) = model(root.path(), QuantFormat::Q8_0, 6);
+    let (dir, gguf) = model(root.path(), QuantFormat::F32, 6);
     let engine = start(&dir, &gguf, EngineOptions::default());
     let sampled = |user: &str, seed: u64, n: u32| {
         let mut r = GenerationRequest::greedy(prompt(&engine, "Write.", user), 12);

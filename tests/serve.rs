@@ -330,3 +330,245 @@ print(repr(streamed))
     let python_repr = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"));
     assert_eq!(lines, vec![python_repr(expected), python_repr(expected)]);
 }
+
+/// A package (`DIR/artifact` with a manifest) of a tiny random Qwen2 with a Q8_0 copy.
+fn fixture_package(root: &Path, seed: u64) -> PathBuf {
+    use tangle::model::fixture::write_tiny_model;
+    let pkg = root.join(format!("pkg-{seed}"));
+    let dir = pkg.join("artifact");
+    write_tiny_model(&dir, &FixtureSpec::tiny(ModelFamily::Qwen2, seed)).unwrap();
+    let format = QuantFormat::Q8_0;
+    export_dir(&dir, &dir.join(format.file_name()), format, "fixture", &chat_template(None)).unwrap();
+    let meta = StudentMeta {
+        system: None,
+        max_seq_len: 256,
+        quantized: Some(QuantizedCopy { file: format.file_name(), format: format.name().into() }),
+    };
+    write_student_files(&dir, &meta).unwrap();
+    let lineage = Lineage {
+        pipeline: "intent".into(),
+        run_id: format!("r{seed}"),
+        tangle_version: "test".into(),
+        created_at: "2026-01-01T00:00:00Z".into(),
+        spec_sha256: "0".into(),
+        dataset_sha256: "0".into(),
+        base_model: "fixture".into(),
+        teacher: vec![],
+    };
+    artifact::write_manifest(&dir, lineage).unwrap();
+    pkg
+}
+
+struct Running {
+    base_url: String,
+    rt: tokio::runtime::Runtime,
+}
+
+/// `tangle serve REFERENCE` in process (following the registry when REFERENCE is an alias).
+fn serve_reference(reference: &str, registry: &Path, engine: EngineOptions) -> Running {
+    let location = tangle::serve::models::locate(reference, registry).unwrap();
+    let loaded = load(&location, WeightsChoice::Auto, &engine).unwrap();
+    let slot = ModelSlot::new(loaded);
+    tangle::serve::models::follow(
+        reference.into(),
+        registry.to_path_buf(),
+        WeightsChoice::Auto,
+        engine.clone(),
+        Arc::clone(&slot),
+        location,
+        std::time::Duration::from_millis(100),
+    )
+    .unwrap();
+    let options = ServeOptions { engine, default_max_tokens: 16, request_log: None };
+    let app = router(slot, &options).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await });
+    Running { base_url: format!("http://{addr}"), rt }
+}
+
+async fn gauge(client: &reqwest::Client, base: &str, name: &str) -> f64 {
+    let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// 64 streaming clients at once, a third of them hanging up after the first chunk: every
+/// finished stream is complete, and the engine ends with no running sequence and no KV
+/// cell held.
+#[test]
+fn sixty_four_streaming_clients_some_leaving_leave_nothing_behind() {
+    let root = tempfile::tempdir().unwrap();
+    let pkg = fixture_package(root.path(), 21);
+    let engine = EngineOptions { max_running: 16, queue: 64, ..EngineOptions::default() };
+    let server = serve_reference(pkg.join("artifact").to_str().unwrap(), &root.path().join("registry"), engine);
+    let base = server.base_url.clone();
+    server.rt.block_on(async move {
+        let client = reqwest::Client::new();
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let (client, base) = (client.clone(), base.clone());
+            tasks.push(tokio::spawn(async move {
+                let body = serde_json::json!({
+                    "messages": [{ "role": "user", "content": format!("label item {i}") }],
+                    "max_tokens": 48, "temperature": 0, "stream": true,
+                });
+                let mut response = client.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                if i % 3 == 0 {
+                    let _ = response.chunk().await.unwrap();
+                    return None; // hang up mid-stream
+                }
+                let mut text = String::new();
+                while let Some(bytes) = response.chunk().await.unwrap() {
+                    text.push_str(&String::from_utf8_lossy(&bytes));
+                }
+                Some(text)
+            }));
+        }
+        let mut complete = 0;
+        for t in tasks {
+            if let Some(text) = t.await.unwrap() {
+                assert!(text.contains("\"finish_reason\":\"") && text.trim_end().ends_with("data: [DONE]"), "{text}");
+                complete += 1;
+            }
+        }
+        assert_eq!(complete, 42);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let running = gauge(&client, &base, "tangle_serve_running_sequences").await;
+            let held = gauge(&client, &base, "tangle_serve_kv_tokens_running").await;
+            let reserved = gauge(&client, &base, "tangle_serve_kv_tokens_reserved").await;
+            if running == 0.0 && held == 0.0 && reserved == 0.0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "left behind: {running} running, {held} KV held, {reserved} reserved"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(gauge(&client, &base, "tangle_serve_requests_total").await, 64.0);
+    });
+}
+
+/// Serving an alias while it is promoted and rolled back under load: no request fails,
+/// answers come from both versions, and `/v1/models` names the one answering.
+#[test]
+fn promote_and_rollback_under_load_drop_no_request() {
+    use tangle::registry::Registry;
+    let root = tempfile::tempdir().unwrap();
+    let registry_root = root.path().join("registry");
+    let registry = Registry::open(&registry_root);
+    let v1 = registry.register("intent", &fixture_package(root.path(), 31)).unwrap();
+    let v2 = registry.register("intent", &fixture_package(root.path(), 32)).unwrap();
+    registry.set_alias("intent", "production", &v1).unwrap();
+    let server = serve_reference("production", &registry_root, EngineOptions::default());
+    let base = server.base_url.clone();
+    let models = |client: reqwest::Client, base: String| async move {
+        let v: serde_json::Value = client.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
+        v["data"][0]["id"].as_str().unwrap().to_string()
+    };
+    server.rt.block_on(async move {
+        let client = reqwest::Client::new();
+        assert_eq!(models(client.clone(), base.clone()).await, format!("intent@{v1}"));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut load = Vec::new();
+        for i in 0..6 {
+            let (client, base, stop) = (client.clone(), base.clone(), Arc::clone(&stop));
+            load.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let body = serde_json::json!({
+                        "messages": [{ "role": "user", "content": format!("label {i}") }], "max_tokens": 8, "temperature": 0,
+                    });
+                    let response = client.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+                    assert_eq!(response.status(), 200);
+                    let json: serde_json::Value = response.json().await.unwrap();
+                    seen.push(json["model"].as_str().unwrap().to_string());
+                }
+                seen
+            }));
+        }
+        let wait_for = |want: String| {
+            let (client, base) = (client.clone(), base.clone());
+            async move {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while models(client.clone(), base.clone()).await != want {
+                    assert!(std::time::Instant::now() < deadline, "never switched to {want}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        registry.set_alias("intent", "production", &v2).unwrap();
+        wait_for(format!("intent@{v2}")).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        registry.rollback("intent", "production").unwrap();
+        wait_for(format!("intent@{v1}")).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut seen = Vec::new();
+        for t in load {
+            seen.extend(t.await.unwrap());
+        }
+        assert!(seen.contains(&format!("intent@{v1}")) && seen.contains(&format!("intent@{v2}")), "{seen:?}");
+    });
+}
+
+/// The official client: `logprobs`/`top_logprobs` in OpenAI's shape, structured output by
+/// JSON schema and by a fixed choice, `n`, and prompt scoring through `/v1/completions`.
+#[test]
+fn official_openai_client_gets_logprobs_structured_output_and_prompt_scores() {
+    let has_client = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !has_client {
+        assert!(std::env::var("CI").is_err(), "CI must install the `openai` Python package (.ci/run does)");
+        eprintln!("SKIPPED: python3 with the `openai` package is not installed (pip install openai)");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let pkg = fixture_package(root.path(), 41);
+    let server = serve_reference(
+        pkg.join("artifact").to_str().unwrap(),
+        &root.path().join("registry"),
+        EngineOptions::default(),
+    );
+    let script = r#"
+import json, sys, openai
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused")
+messages = [{"role": "user", "content": "route my refund"}]
+r = client.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+content = r.choices[0].logprobs.content
+assert len(content) == r.usage.completion_tokens, (len(content), r.usage)
+assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 and t.bytes is not None for t in content), content
+assert content[0].token == content[0].top_logprobs[0].token, "greedy picks the most likely token"
+schema = {"type": "object", "properties": {"queue": {"enum": ["billing", "returns"]}, "n": {"type": "integer"}},
+          "required": ["queue", "n"], "additionalProperties": False}
+for seed in range(4):
+    r = client.chat.completions.create(model="m", messages=messages, max_tokens=64, temperature=1, seed=seed,
+        response_format={"type": "json_schema", "json_schema": {"name": "route", "schema": schema, "strict": True}})
+    value = json.loads(r.choices[0].message.content)
+    assert set(value) == {"queue", "n"} and value["queue"] in ("billing", "returns") and isinstance(value["n"], int), value
+r = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=1, n=3, seed=5,
+    extra_body={"guided_choice": ["billing", "shipping", "returns"]})
+assert len(r.choices) == 3 and all(c.message.content in ("billing", "shipping", "returns") for c in r.choices), r.choices
+c = client.completions.create(model="m", prompt="label the river stone", max_tokens=0, echo=True, logprobs=2)
+lp = c.choices[0].logprobs
+assert c.choices[0].text == "label the river stone", c.choices[0].text
+assert len(lp.token_logprobs) == c.usage.prompt_tokens and lp.token_logprobs[0] is None, lp
+assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) >= 1 for t in lp.top_logprobs[1:]), lp
+print("ok")
+"#;
+    let output = std::process::Command::new("python3").args(["-c", script, &server.base_url]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(stdout.trim(), "ok");
+}

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Load for scripts/bench-serve.sh: the official `openai` package (AsyncOpenAI, streaming,
+`stream_options.include_usage`) sends chat completions at a fixed concurrency to any
+OpenAI-compatible server and prints one JSON line: aggregate generated tokens per second,
+request latency p50/p99 and time to first token p50/p99.
+
+Every request has the same system prompt and its own user message (so a prefix cache can
+reuse the system prompt and nothing more): `short` prompts are ~30 tokens in all, `long`
+ones ~170. Greedy, so every server generates the same answers from the same GGUF.
+
+usage: bench_serve_load.py BASE_URL CONCURRENCY REQUESTS {short|long} [MAX_TOKENS=32] [OFFSET=0]
+"""
+import asyncio
+import json
+import statistics
+import sys
+import time
+
+import httpx
+import openai
+
+SYSTEM = "You are a support agent for an online store. Answer the merchant in detail, step by step."
+TOPICS = [
+    "my payout from last week", "a customer's return label", "the webhook for new orders",
+    "two-factor codes on my phone", "stock counts after an import", "the theme's product images",
+    "a parcel lost in transit", "the VAT number on invoices", "a staff member's access",
+    "the free shipping rule", "an exchange for another size", "the checkout page",
+]
+DETAILS = (
+    "I changed nothing in the settings since last month and it worked until Tuesday. "
+    "Two of my staff members looked at it and could not find the cause either, and the help "
+    "page did not cover this case. We sell about forty orders a day, mostly to customers in "
+    "Germany and France, and this week we start a sale, so I need this fixed before Friday. "
+    "I attached nothing because the page shows no error message at all, it simply does not "
+    "do what it did before. Could you tell me what to check first, and whether anything on "
+    "your side changed recently that would explain it? Thank you for the quick help."
+)
+
+
+def prompt(i: int, kind: str) -> list:
+    topic = TOPICS[i % len(TOPICS)]
+    user = f"Ticket {1000 + i}: I have a question about {topic}."
+    if kind == "long":
+        user += " " + DETAILS
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def main() -> None:
+    base_url, concurrency, requests, kind = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    max_tokens = int(sys.argv[5]) if len(sys.argv) > 5 else 32
+    offset = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+    client = openai.AsyncOpenAI(
+        base_url=base_url,
+        api_key="bench",
+        max_retries=0,
+        timeout=600,
+        http_client=openai.DefaultAsyncHttpxClient(
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        ),
+    )
+    semaphore = asyncio.Semaphore(concurrency)
+    rows = []
+
+    async def one(i: int) -> None:
+        async with semaphore:
+            start = time.perf_counter()
+            first = None
+            tokens = 0
+            chunks = 0
+            stream = await client.chat.completions.create(
+                model="bench",
+                messages=prompt(offset + i, kind),
+                temperature=0,
+                max_tokens=max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    chunks += 1
+                    if first is None:
+                        first = time.perf_counter()
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+            end = time.perf_counter()
+            rows.append((end - start, (first or end) - start, tokens or chunks))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(requests)))
+    wall = time.perf_counter() - start
+    latency = [r[0] * 1000 for r in rows]
+    ttft = [r[1] * 1000 for r in rows]
+    generated = sum(r[2] for r in rows)
+    print(json.dumps({
+        "concurrency": concurrency,
+        "prompt": kind,
+        "requests": len(rows),
+        "generated_tokens": generated,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(generated / wall, 2),
+        "latency_p50_ms": round(statistics.median(latency), 1),
+        "latency_p99_ms": round(percentile(latency, 0.99), 1),
+        "ttft_p50_ms": round(statistics.median(ttft), 1),
+        "ttft_p99_ms": round(percentile(ttft, 0.99), 1),
+    }))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
