@@ -12,6 +12,7 @@
 #   TEACHER_GGUF  default ~/.cache/tangle/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 #   STUDENT_GGUF  default: the quickstart's exported model-q8_0.gguf (run the quickstart first)
 #   SERVERS       default "tangle llama-server mistralrs"
+#   MODELS        default "student teacher"; CONCURRENCY default "1 8 32"; PROMPTS "short long"
 #   LLAMA_SERVER  a llama-server binary to use instead of building one
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,9 @@ HOME_DIR=${TANGLE_HOME:-$HOME/.cache/tangle}
 TEACHER=${TEACHER_GGUF:-$HOME_DIR/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}
 STUDENT=${STUDENT_GGUF:-$(ls -t .tangle/cache/train/*/files/model/model-q8_0.gguf 2>/dev/null | head -1)}
 SERVERS=${SERVERS:-"tangle llama-server mistralrs"}
+MODELS=${MODELS:-"student teacher"}
+CONCURRENCY=${CONCURRENCY:-"1 8 32"}
+PROMPTS=${PROMPTS:-"short long"}
 OUT=${OUT:-$(mktemp -d)}
 PORT=18600
 [ -f "$TEACHER" ] || { echo "no teacher GGUF at $TEACHER: run scripts/fetch-models" >&2; exit 1; }
@@ -81,12 +85,12 @@ stop_server() { kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null |
 # One server process per (model, server, concurrency), as a user would run it with
 # --parallel N; requests = max(concurrency, 4), each with its own user message.
 for run in $(seq "$RUNS"); do
-  for model in student teacher; do
+  for model in $MODELS; do
     gguf=$STUDENT; [ "$model" = teacher ] && gguf=$TEACHER
-    for conc in 1 8 32; do
+    for conc in $CONCURRENCY; do
       for server in $SERVERS; do
         start_server "$server" "$gguf" "$conc"
-        for prompt in short long; do
+        for prompt in $PROMPTS; do
           requests=$(( conc > 4 ? conc : 4 ))
           # A warm-up request so loading and first-touch page faults are not timed.
           python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" 1 1 "$prompt" 32 900 >/dev/null
@@ -103,11 +107,11 @@ done
 if [[ " $SERVERS " == *" tangle "* ]]; then
   "$TARGET/bench_serve" write-model "$OUT/fixture-135m" 135m
   for run in $(seq "$RUNS"); do
-    for conc in 1 8 32; do
+    for conc in $CONCURRENCY; do
       start_server tangle "$OUT/fixture-135m" "$conc"
       requests=$(( conc > 4 ? conc : 4 ))
-      python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" 1 1 short 32 900 >/dev/null
-      python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" "$conc" "$requests" short 32 $((run * 100)) \
+      BENCH_BAN_EOS=0 python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" 1 1 short 32 900 >/dev/null
+      BENCH_BAN_EOS=0 python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" "$conc" "$requests" short 32 $((run * 100)) \
         | sed "s/^{/{\"run\":$run,\"model\":\"fixture-135m-f32\",\"server\":\"tangle\",/" | tee -a "$OUT/runs.jsonl" >&2
       stop_server
     done

@@ -4,6 +4,10 @@
 OpenAI-compatible server and prints one JSON line: aggregate generated tokens per second,
 request latency p50/p99 and time to first token p50/p99.
 
+Answers are exactly MAX_TOKENS long on every server: the end-of-turn tokens (Qwen2.5's
+<|im_end|> and <|endoftext|>) are banned with OpenAI's `logit_bias`, since a fine-tuned
+student would otherwise stop after its one-word label.
+
 Every request has the same system prompt and its own user message (so a prefix cache can
 reuse the system prompt and nothing more): `short` prompts are ~30 tokens in all, `long`
 ones ~170. Greedy, so every server generates the same answers from the same GGUF.
@@ -12,6 +16,7 @@ usage: bench_serve_load.py BASE_URL CONCURRENCY REQUESTS {short|long} [MAX_TOKEN
 """
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -19,7 +24,7 @@ import time
 import httpx
 import openai
 
-SYSTEM = "You are a support agent for an online store. Answer the merchant in detail, step by step."
+SYSTEM = "You are a store's support agent. Answer in detail."
 TOPICS = [
     "my payout from last week", "a customer's return label", "the webhook for new orders",
     "two-factor codes on my phone", "stock counts after an import", "the theme's product images",
@@ -33,13 +38,18 @@ DETAILS = (
     "Germany and France, and this week we start a sale, so I need this fixed before Friday. "
     "I attached nothing because the page shows no error message at all, it simply does not "
     "do what it did before. Could you tell me what to check first, and whether anything on "
-    "your side changed recently that would explain it? Thank you for the quick help."
+    "your side changed recently that would explain it? Thank you for the quick help, and "
+    "please write the steps as a numbered list."
 )
+
+
+# BENCH_BAN_EOS=0 for models with another vocabulary (the random fixture).
+END_OF_TURN_BAN = {"151645": -100, "151643": -100} if os.environ.get("BENCH_BAN_EOS", "1") == "1" else None
 
 
 def prompt(i: int, kind: str) -> list:
     topic = TOPICS[i % len(TOPICS)]
-    user = f"Ticket {1000 + i}: I have a question about {topic}."
+    user = f"Ticket {1000 + i}: {topic}?"
     if kind == "long":
         user += " " + DETAILS
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
@@ -79,6 +89,7 @@ async def main() -> None:
                 max_tokens=max_tokens,
                 stream=True,
                 stream_options={"include_usage": True},
+                logit_bias=END_OF_TURN_BAN,
             )
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:

@@ -52,6 +52,7 @@ class Handler(BaseHTTPRequestHandler):
                 max_tokens=request.get("max_tokens"),
                 temperature=request.get("temperature"),
                 stream=stream,
+                logit_bias={int(k): v for k, v in (request.get("logit_bias") or {}).items()} or None,
             )
         )
         if not stream:

@@ -252,6 +252,21 @@ fn grammars_always_hold_under_sampling() {
 }
 
 #[test]
+fn logit_bias_bans_a_token_and_checks_its_ids() {
+    let root = tempfile::tempdir().unwrap();
+    let (dir, gguf) = model(root.path(), QuantFormat::Q8_0, 9);
+    let engine = start(&dir, &gguf, EngineOptions::default());
+    let request = || GenerationRequest::greedy(prompt(&engine, "Write.", "label apple"), 6);
+    let free = alone(&engine, request());
+    let first = free.tokens[0][0];
+    let banned = alone(&engine, GenerationRequest { logit_bias: vec![(first, -100.0)], ..request() });
+    assert_ne!(banned.tokens[0][0], first, "a -100 bias bans the greedy token");
+    assert!(!banned.tokens[0].contains(&first));
+    let outside = GenerationRequest { logit_bias: vec![(u32::MAX, 1.0)], ..request() };
+    assert!(matches!(engine.submit(outside), Err(SubmitError::BadRequest(_))));
+}
+
+#[test]
 fn a_full_queue_refuses_and_abandoned_requests_free_their_kv() {
     let root = tempfile::tempdir().unwrap();
     let (dir, gguf) = model(root.path(), QuantFormat::Q8_0, 8);

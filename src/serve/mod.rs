@@ -322,6 +322,7 @@ async fn chat_completions(State(state): State<AppState>, body: axum::body::Bytes
         logprobs: plan.logprobs,
         prompt_logprobs: None,
         grammar: plan.grammar.clone(),
+        logit_bias: plan.logit_bias.clone(),
     };
     let events = match engine.submit(generation) {
         Ok(rx) => rx,
@@ -475,6 +476,7 @@ async fn completions(State(state): State<AppState>, body: axum::body::Bytes) -> 
         logprobs: plan.logprobs,
         prompt_logprobs: if plan.echo { plan.logprobs } else { None },
         grammar: plan.grammar.clone(),
+        logit_bias: plan.logit_bias.clone(),
     };
     let events = match engine.submit(generation) {
         Ok(rx) => rx,

@@ -38,6 +38,7 @@ pub struct ChatCompletionRequest {
     pub guided_choice: Option<Vec<String>>,
     pub guided_regex: Option<String>,
     pub guided_json: Option<Value>,
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +85,7 @@ pub struct ChatPlan {
     /// `Some(k)`: each token's logprob and k alternatives.
     pub logprobs: Option<u32>,
     pub grammar: Option<Grammar>,
+    pub logit_bias: Vec<(u32, f32)>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -151,10 +153,27 @@ impl ChatCompletionRequest {
             n,
             logprobs,
             grammar,
+            logit_bias: logit_bias(self.logit_bias)?,
             stream: self.stream,
             include_usage,
         })
     }
+}
+
+/// OpenAI's `logit_bias`: token ids (as JSON object keys) to a bias in [-100, 100].
+fn logit_bias(map: Option<std::collections::HashMap<String, f32>>) -> Result<Vec<(u32, f32)>, Invalid> {
+    let mut out = Vec::new();
+    for (key, bias) in map.unwrap_or_default() {
+        let id = key.parse::<u32>().map_err(|_| {
+            (format!("logit_bias: `{key}` is not a token id (keys are token ids as strings)"), "logit_bias")
+        })?;
+        if !(-100.0..=100.0).contains(&bias) {
+            return Err((format!("logit_bias: {bias} for token {id} is outside [-100, 100]"), "logit_bias"));
+        }
+        out.push((id, bias));
+    }
+    out.sort_by_key(|&(id, _)| id);
+    Ok(out)
 }
 
 fn sampling(temperature: Option<f32>, top_p: Option<f32>) -> Result<(f32, f32), Invalid> {
@@ -248,6 +267,7 @@ pub struct CompletionRequest {
     pub guided_regex: Option<String>,
     pub guided_json: Option<Value>,
     pub response_format: Option<Value>,
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 
 /// A prompt as text or as token ids (one prompt per request).
@@ -271,6 +291,7 @@ pub struct CompletionPlan {
     pub echo: bool,
     pub logprobs: Option<u32>,
     pub grammar: Option<Grammar>,
+    pub logit_bias: Vec<(u32, f32)>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -311,6 +332,7 @@ impl CompletionRequest {
             echo: self.echo,
             logprobs: self.logprobs,
             grammar: grammar(self.response_format, self.guided_choice, self.guided_regex, self.guided_json)?,
+            logit_bias: logit_bias(self.logit_bias)?,
             stream: self.stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
         })
@@ -512,6 +534,14 @@ mod tests {
         assert_eq!(base(json!({"guided_choice": [], "response_format": {"type": "text"}})), "guided_choice");
         assert_eq!(base(json!({"guided_choice": ["a"], "guided_regex": "b"})), "response_format");
         assert_eq!(base(json!({"max_tokens": 0})), "max_tokens");
+        assert_eq!(base(json!({"logit_bias": {"eos": -100}})), "logit_bias");
+        assert_eq!(base(json!({"logit_bias": {"7": -101}})), "logit_bias");
+    }
+
+    #[test]
+    fn logit_bias_is_read_as_token_ids() {
+        let body = json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"9": 5, "2": -100}});
+        assert_eq!(chat(body).unwrap().logit_bias, vec![(2, -100.0), (9, 5.0)]);
     }
 
     #[test]

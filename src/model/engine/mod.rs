@@ -187,6 +187,8 @@ pub struct GenerationRequest {
     /// Report each prompt token's logprob (the first has none) and this many alternatives.
     pub prompt_logprobs: Option<u32>,
     pub grammar: Option<Grammar>,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`; -100 bans it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl GenerationRequest {
@@ -200,6 +202,7 @@ impl GenerationRequest {
             logprobs: None,
             prompt_logprobs: None,
             grammar: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -370,6 +373,9 @@ impl Engine {
         }
         if let Some(bad) = request.prompt.iter().find(|&&t| t as usize >= self.info.vocab_rows) {
             return Err(SubmitError::BadRequest(format!("token id {bad} is outside the vocabulary")));
+        }
+        if let Some(&(bad, _)) = request.logit_bias.iter().find(|(id, _)| *id as usize >= self.info.vocab_rows) {
+            return Err(SubmitError::BadRequest(format!("logit_bias: token id {bad} is outside the vocabulary")));
         }
         let constraint = match &request.grammar {
             Some(g) => Some(self.info.constraint(g).map_err(SubmitError::BadRequest)?),

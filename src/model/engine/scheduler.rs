@@ -40,6 +40,7 @@ struct Sequence {
     text: TextStream,
     logprobs: Option<u32>,
     prompt_logprobs: Option<u32>,
+    logit_bias: Vec<(u32, f32)>,
     prompt_scores: Vec<Option<TokenLogprob>>,
     constraint: Option<Constraint>,
     events: mpsc::UnboundedSender<Event>,
@@ -185,6 +186,7 @@ impl<B: Backend> Scheduler<B> {
                 sampler: Sampler::new(request.sampling, choice),
                 text: TextStream::new(&request.stop),
                 logprobs: request.logprobs,
+                logit_bias: request.logit_bias.clone(),
                 prompt_logprobs: if choice == 0 { request.prompt_logprobs } else { None },
                 prompt_scores: Vec::new(),
                 constraint,
@@ -305,7 +307,14 @@ impl<B: Backend> Scheduler<B> {
             s.done = Some(FinishReason::Length);
             return;
         }
-        let logits = self.backend.logits(b);
+        let raw = self.backend.logits(b);
+        let biased: Vec<f32>;
+        let logits = if s.logit_bias.is_empty() {
+            raw
+        } else {
+            biased = with_bias(raw, &s.logit_bias);
+            &biased
+        };
         let mask = match s.constraint.as_mut().map(Constraint::allowed) {
             Some(Ok(mask)) => Some(mask),
             Some(Err(e)) => {
@@ -439,4 +448,15 @@ fn score(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
     let z = log_normalizer(logits);
     let logprob = logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| (f64::from(l) - z) as f32);
     TokenLogprob { token, logprob, top: top_k(logits, k, z) }
+}
+
+/// `logits` with `bias` added (ids were checked against the vocabulary at submission).
+fn with_bias(logits: &[f32], bias: &[(u32, f32)]) -> Vec<f32> {
+    let mut out = logits.to_vec();
+    for &(id, b) in bias {
+        if let Some(l) = out.get_mut(id as usize) {
+            *l += b;
+        }
+    }
+    out
 }
