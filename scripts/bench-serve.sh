@@ -121,6 +121,11 @@ fi
 python3 - "$OUT/runs.jsonl" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+for r in rows:
+    if r.get("failed"):
+        print(f"{r['model']} {r['server']} {r['prompt']} conc {r['concurrency']} run {r['run']}: "
+              f"{r['failed']} requests failed ({r.get('error') or 'see runs.jsonl'})")
+rows = [r for r in rows if r.get("requests")]
 keys = ["tokens_per_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms"]
 med = {}
 for r in rows:

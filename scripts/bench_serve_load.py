@@ -76,7 +76,15 @@ async def main() -> None:
     semaphore = asyncio.Semaphore(concurrency)
     rows = []
 
+    failures = []
+
     async def one(i: int) -> None:
+        try:
+            await attempt(i)
+        except Exception as e:  # noqa: BLE001 - a server that fails is reported, not fatal
+            failures.append(f"{type(e).__name__}: {e}")
+
+    async def attempt(i: int) -> None:
         async with semaphore:
             start = time.perf_counter()
             first = None
@@ -104,6 +112,10 @@ async def main() -> None:
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(requests)))
     wall = time.perf_counter() - start
+    if not rows:
+        print(json.dumps({"concurrency": concurrency, "prompt": kind, "requests": 0, "failed": len(failures),
+                          "error": failures[0] if failures else None}))
+        return
     latency = [r[0] * 1000 for r in rows]
     ttft = [r[1] * 1000 for r in rows]
     generated = sum(r[2] for r in rows)
@@ -111,6 +123,7 @@ async def main() -> None:
         "concurrency": concurrency,
         "prompt": kind,
         "requests": len(rows),
+        "failed": len(failures),
         "generated_tokens": generated,
         "wall_s": round(wall, 3),
         "tokens_per_s": round(generated / wall, 2),
