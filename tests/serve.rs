@@ -295,9 +295,9 @@ fn http_answers_equal_in_process_generation_json_and_sse() {
     }
 }
 
-/// The official client, unchanged, in CI. Outside CI a machine without it skips loudly.
-#[test]
-fn official_openai_python_client_completes_chats() {
+/// Whether python3 has the official `openai` package. CI must have it; elsewhere a
+/// machine without it skips loudly.
+fn openai_client_available() -> bool {
     let has_client = std::process::Command::new("python3")
         .args(["-c", "import openai"])
         .status()
@@ -306,6 +306,14 @@ fn official_openai_python_client_completes_chats() {
     if !has_client {
         assert!(std::env::var("CI").is_err(), "CI must install the `openai` Python package (.ci/run does)");
         eprintln!("SKIPPED: python3 with the `openai` package is not installed (pip install openai)");
+    }
+    has_client
+}
+
+/// The official client, unchanged, in CI. Outside CI a machine without it skips loudly.
+#[test]
+fn official_openai_python_client_completes_chats() {
+    if !openai_client_available() {
         return;
     }
     let (_root, server) = start_server();
@@ -333,7 +341,6 @@ print(repr(streamed))
 
 /// A package (`DIR/artifact` with a manifest) of a tiny random Qwen2 with a Q8_0 copy.
 fn fixture_package(root: &Path, seed: u64) -> PathBuf {
-    use tangle::model::fixture::write_tiny_model;
     let pkg = root.join(format!("pkg-{seed}"));
     let dir = pkg.join("artifact");
     write_tiny_model(&dir, &FixtureSpec::tiny(ModelFamily::Qwen2, seed)).unwrap();
@@ -524,14 +531,7 @@ fn promote_and_rollback_under_load_drop_no_request() {
 /// JSON schema and by a fixed choice, `n`, and prompt scoring through `/v1/completions`.
 #[test]
 fn official_openai_client_gets_logprobs_structured_output_and_prompt_scores() {
-    let has_client = std::process::Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !has_client {
-        assert!(std::env::var("CI").is_err(), "CI must install the `openai` Python package (.ci/run does)");
-        eprintln!("SKIPPED: python3 with the `openai` package is not installed (pip install openai)");
+    if !openai_client_available() {
         return;
     }
     let root = tempfile::tempdir().unwrap();

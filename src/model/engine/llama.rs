@@ -73,9 +73,9 @@ fn backend() -> Result<&'static LlamaBackend, String> {
 pub struct Weights {
     model: LlamaModel,
     pub context_train: usize,
-    /// Weights stored in f32 (an exported f32 student, the test fixtures): served with the
-    /// exact attention path, see [`Attention`].
-    pub full_precision: bool,
+    /// Exact for weights stored in f32 (an exported f32 student, the test fixtures), fast
+    /// for quantized ones; see [`Attention`].
+    pub attention: Attention,
 }
 
 /// How a context computes attention, chosen by the weights' precision.
@@ -107,16 +107,8 @@ impl Weights {
         let model = LlamaModel::load_from_file(backend, path, &params)
             .map_err(|e| format!("{}: llama.cpp cannot load this GGUF: {e}", path.display()))?;
         let context_train = model.n_ctx_train() as usize;
-        let full_precision = stored_in_f32(&model);
-        Ok(Weights { model, context_train, full_precision })
-    }
-
-    pub fn attention(&self) -> Attention {
-        if self.full_precision {
-            Attention::Exact
-        } else {
-            Attention::Fast
-        }
+        let attention = if stored_in_f32(&model) { Attention::Exact } else { Attention::Fast };
+        Ok(Weights { model, context_train, attention })
     }
 }
 
@@ -144,7 +136,7 @@ impl<'m> LlamaSession<'m> {
         let backend = backend()?;
         let kv = NonZeroU32::new(options.kv_tokens as u32).ok_or("the KV cache needs at least one token")?;
         let threads = options.threads as i32;
-        let (kv_type, flash) = match weights.attention() {
+        let (kv_type, flash) = match weights.attention {
             Attention::Fast => (KvCacheType::F16, llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED),
             Attention::Exact => (KvCacheType::F32, llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED),
         };

@@ -310,7 +310,7 @@ impl Engine {
                     Ok(w) => w,
                     Err(e) => return drop(ready_tx.send(Err(e))),
                 };
-                tracing::info!(gguf = %gguf.display(), attention = ?weights.attention(), "engine weights loaded");
+                tracing::info!(gguf = %gguf.display(), attention = ?weights.attention, "engine weights loaded");
                 let sequences = thread_options.max_running + thread_options.prefix_entries;
                 let session = match llama::LlamaSession::new(&weights, &thread_options, sequences) {
                     Ok(s) => s,
