@@ -273,12 +273,35 @@ pub struct ValidateArgs {
 #[derive(Debug, Args)]
 pub struct GraphArgs {
     pub spec: PathBuf,
-    #[arg(long, short = 'f', value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    #[arg(long, short = 'f', value_enum, default_value_t = GraphFormat::Text)]
+    pub format: GraphFormat,
+}
+
+/// `tangle graph --format`: the command line's names for [`graph::Format`] (the core
+/// knows nothing of clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GraphFormat {
+    /// An indented tree; a stage with several inputs hangs under the last one to finish.
+    Text,
+    /// Graphviz DOT (`tangle graph p.yaml --format dot | dot -Tsvg > p.svg`).
+    Dot,
+    /// A Mermaid flowchart, for Markdown that renders it (GitHub does).
+    Mermaid,
+}
+
+impl From<GraphFormat> for Format {
+    fn from(format: GraphFormat) -> Format {
+        match format {
+            GraphFormat::Text => Format::Text,
+            GraphFormat::Dot => Format::Dot,
+            GraphFormat::Mermaid => Format::Mermaid,
+        }
+    }
 }
 
 /// Parses the command line, runs the command, and returns the process exit code.
 pub fn main() -> i32 {
+    crate::logging::install();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -354,7 +377,7 @@ fn validate(args: &ValidateArgs) -> Exit {
 fn graph_command(args: &GraphArgs) -> Exit {
     match load_and_compile(&args.spec) {
         Ok((_, plan)) => {
-            emit(&graph::render(&plan, args.format));
+            emit(&graph::render(&plan, args.format.into()));
             Exit::Success
         }
         Err(report) => {

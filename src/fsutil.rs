@@ -22,6 +22,34 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Gives `path` the mode a plain `File::create` would (0666 less the process umask, 0644
+/// under the usual umask). Writers that go through a private temp file (safetensors' own
+/// `serialize_to_file` does) leave 0600, which a server running as another user cannot
+/// read; an artifact is meant to be shared.
+pub fn set_usual_permissions(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o666 & !process_umask()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// The process's umask, read from `/proc` (reading it through `umask(2)` would have to set
+/// it, racing other threads); 0o022 where `/proc` does not say.
+#[cfg(unix)]
+pub fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+        })
+        .unwrap_or(0o022)
+}
+
 /// Makes a rename or creation inside `dir` durable. Best effort: some filesystems refuse
 /// to fsync a directory, and nothing is lost but the durability guarantee.
 pub fn sync_dir(dir: &Path) {

@@ -1,6 +1,8 @@
 //! In-process mock LLM provider for tests and benchmarks. Speaks OpenAI Chat Completions
-//! (`/v1/chat/completions`) and Anthropic Messages (`/v1/messages`), streaming or not, on
-//! 127.0.0.1 with an ephemeral port. Answers are a deterministic function of the prompt.
+//! (`/v1/chat/completions`), Anthropic Messages (`/v1/messages`) and Gemini
+//! (`/v1beta/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`),
+//! streaming or not, on 127.0.0.1 with an ephemeral port. Answers are a deterministic
+//! function of the prompt.
 //!
 //! Faults are injected per call: first a sticky fault if set, else the next scripted
 //! fault, else one drawn from the configured probabilities (seeded RNG), else none.
@@ -17,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -136,6 +138,8 @@ struct MockState {
     service_micros: AtomicU64,
     faults: Mutex<BTreeMap<String, u64>>,
     prompts: Mutex<Vec<String>>,
+    /// The JSON body of every parsed call, in arrival order.
+    bodies: Mutex<Vec<Value>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     /// Started on first use: only servers with a base latency need it.
     timer: std::sync::OnceLock<PreciseTimer>,
@@ -193,12 +197,14 @@ impl MockServer {
             service_micros: AtomicU64::new(0),
             faults: Mutex::new(BTreeMap::new()),
             prompts: Mutex::new(Vec::new()),
+            bodies: Mutex::new(Vec::new()),
             shutdown: tokio::sync::watch::channel(false).0,
             timer: std::sync::OnceLock::new(),
         });
         let app = axum::Router::new()
             .route("/v1/chat/completions", post(openai_handler))
             .route("/v1/messages", post(anthropic_handler))
+            .route("/v1beta/models/{call}", post(gemini_handler))
             .route("/v1/mock/stats", axum::routing::get(stats_handler))
             .with_state(state.clone());
         let server = tokio::spawn(async move {
@@ -219,6 +225,11 @@ impl MockServer {
     }
 
     /// Base URL for Anthropic targets (the client appends `/v1/messages`).
+    /// The root a Gemini target's `base_url` names (the client appends `/v1beta/models/…`).
+    pub fn gemini_base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     pub fn anthropic_base_url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -246,6 +257,12 @@ impl MockServer {
     /// The prompt (all messages, `role: content` lines) of every call received, in order.
     pub fn received_prompts(&self) -> Vec<String> {
         lock(&self.state.prompts).clone()
+    }
+
+    /// The JSON body of every call that parsed, in arrival order: what a client really
+    /// sent (sampling params, seed, logprobs), beyond the prompt.
+    pub fn received_bodies(&self) -> Vec<Value> {
+        lock(&self.state.bodies).clone()
     }
 
     /// Stops accepting and releases hanging calls.
@@ -328,6 +345,11 @@ fn cut_response(
 enum Protocol {
     OpenAi,
     Anthropic,
+    /// The model and the method (streaming or not) are in the URL, not the body.
+    Gemini {
+        model: String,
+        stream: bool,
+    },
 }
 
 /// Decrements the in-flight gauge however the handler ends (including client disconnects,
@@ -351,6 +373,8 @@ async fn handle(state: Arc<MockState>, protocol: Protocol, headers: HeaderMap, b
     let parsed = parse_request(&protocol, &headers, &body, &state.config);
     if let Ok(p) = &parsed {
         lock(&state.prompts).push(p.prompt_log.clone());
+        // The bytes parsed once already; an unparsable body never reaches here.
+        lock(&state.bodies).push(serde_json::from_slice(&body).unwrap_or(Value::Null));
     }
     if !state.config.base_latency.is_zero() {
         let deadline = _in_flight.1 + state.config.base_latency;
@@ -405,6 +429,8 @@ async fn handle(state: Arc<MockState>, protocol: Protocol, headers: HeaderMap, b
         (Protocol::OpenAi, true) => ("text/event-stream", openai_stream(&parsed, &tokens, finish, output_tokens)),
         (Protocol::Anthropic, false) => ("application/json", anthropic_body(&parsed, &tokens, finish, output_tokens)),
         (Protocol::Anthropic, true) => ("text/event-stream", anthropic_stream(&parsed, &tokens, finish, output_tokens)),
+        (Protocol::Gemini { .. }, false) => ("application/json", gemini_body(&parsed, &tokens, finish, output_tokens)),
+        (Protocol::Gemini { .. }, true) => ("text/event-stream", gemini_stream(&parsed, &tokens, finish)),
     };
     match fault {
         Some(Fault::TruncatedBody) => {
@@ -417,12 +443,17 @@ async fn handle(state: Arc<MockState>, protocol: Protocol, headers: HeaderMap, b
         Some(Fault::OverloadedMidStream) => {
             // Cut at an event boundary in the first half, then the error event.
             let text = String::from_utf8_lossy(&bytes).into_owned();
-            let events: Vec<&str> = text.split_inclusive("\n\n").collect();
+            let separator = if matches!(protocol, Protocol::Gemini { .. }) { "\r\n\r\n" } else { "\n\n" };
+            let events: Vec<&str> = text.split_inclusive(separator).collect();
             let mut body: String = events[..events.len() / 2].concat();
             let error = json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}});
             match protocol {
                 Protocol::Anthropic => body.push_str(&format!("event: error\ndata: {error}\n\n")),
                 Protocol::OpenAi => body.push_str(&format!("data: {}\n\n", json!({"error": error["error"]}))),
+                Protocol::Gemini { .. } => body.push_str(&format!(
+                    "data: {}\r\n\r\n",
+                    json!({"error": {"code": 503, "status": "UNAVAILABLE", "message": "The model is overloaded."}})
+                )),
             }
             json_body(StatusCode::OK, body.into_bytes(), content_type)
         }
@@ -459,6 +490,7 @@ fn parse_request(
         let given = match protocol {
             Protocol::OpenAi => header("authorization").strip_prefix("Bearer ").unwrap_or(""),
             Protocol::Anthropic => header("x-api-key"),
+            Protocol::Gemini { .. } => header("x-goog-api-key"),
         };
         if given != expected {
             // Real providers echo (part of) a wrong key; echo it whole so tests prove the
@@ -472,6 +504,9 @@ fn parse_request(
     }
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| rejection(400, "invalid_request_error", &format!("invalid JSON: {e}")))?;
+    if let Protocol::Gemini { model, stream } = protocol {
+        return parse_gemini(&value, model, *stream);
+    }
     let messages = value["messages"].as_array().cloned().unwrap_or_default();
     if messages.is_empty() {
         return Err(rejection(400, "invalid_request_error", "messages must be non-empty"));
@@ -510,6 +545,105 @@ fn parse_request(
         top_logprobs,
         model: value["model"].as_str().unwrap_or("mock").to_string(),
     })
+}
+
+/// A `generateContent` body: `systemInstruction`, then `contents` with roles `user` and
+/// `model`, logged with the same `role: text` lines as the other protocols.
+fn parse_gemini(value: &Value, model: &str, stream: bool) -> Result<Parsed, Rejection> {
+    let text_of = |parts: &Value| -> String {
+        parts.as_array().map(|ps| ps.iter().filter_map(|p| p["text"].as_str()).collect()).unwrap_or_default()
+    };
+    let contents = value["contents"].as_array().cloned().unwrap_or_default();
+    if contents.is_empty() {
+        return Err(rejection(400, "INVALID_ARGUMENT", "contents must be non-empty"));
+    }
+    let mut prompt_log = String::new();
+    let mut last_user = String::new();
+    let system = text_of(&value["systemInstruction"]["parts"]);
+    if !system.is_empty() {
+        prompt_log.push_str(&format!("system: {system}\n"));
+    }
+    for content in &contents {
+        let role = match content["role"].as_str().unwrap_or("user") {
+            "user" => "user",
+            "model" => "assistant",
+            other => return Err(rejection(400, "INVALID_ARGUMENT", &format!("unknown role {other:?}"))),
+        };
+        let text = text_of(&content["parts"]);
+        if role == "user" {
+            last_user = text.clone();
+        }
+        prompt_log.push_str(&format!("{role}: {text}\n"));
+    }
+    let config = &value["generationConfig"];
+    let top_logprobs = match config["responseLogprobs"].as_bool() {
+        Some(true) => Some(config["logprobs"].as_u64().unwrap_or(0)),
+        _ => None,
+    };
+    Ok(Parsed {
+        input_tokens: words(&prompt_log),
+        prompt_log,
+        last_user,
+        max_tokens: config["maxOutputTokens"].as_u64(),
+        stream,
+        include_usage: true,
+        top_logprobs,
+        model: model.to_string(),
+    })
+}
+
+fn gemini_finish(finish: &str) -> &'static str {
+    if finish == "length" {
+        "MAX_TOKENS"
+    } else {
+        "STOP"
+    }
+}
+
+/// One `GenerateContentResponse`: `tokens` as the candidate's text, with the usage so far.
+fn gemini_chunk(p: &Parsed, tokens: &[String], first_index: usize, finish: Option<&str>, output_tokens: u64) -> Value {
+    let mut candidate = json!({
+        "content": {"role": "model", "parts": [{"text": tokens.concat()}]},
+        "index": 0,
+    });
+    if let Some(finish) = finish {
+        candidate["finishReason"] = json!(gemini_finish(finish));
+    }
+    if let Some(k) = p.top_logprobs {
+        let entries: Vec<Value> =
+            tokens.iter().enumerate().map(|(i, t)| logprob_entry(first_index + i, t, k)).collect();
+        let gemini = |e: &Value| json!({"token": e["token"], "logProbability": e["logprob"]});
+        candidate["logprobsResult"] = json!({
+            "chosenCandidates": entries.iter().map(gemini).collect::<Vec<_>>(),
+            "topCandidates": entries.iter().map(|e| json!({
+                "candidates": e["top_logprobs"].as_array().map(|top| top.iter().map(gemini).collect::<Vec<_>>()).unwrap_or_default()
+            })).collect::<Vec<_>>(),
+        });
+    }
+    json!({
+        "candidates": [candidate],
+        "usageMetadata": {"promptTokenCount": p.input_tokens, "candidatesTokenCount": output_tokens,
+                          "totalTokenCount": p.input_tokens + output_tokens},
+        "modelVersion": p.model,
+    })
+}
+
+fn gemini_body(p: &Parsed, tokens: &[String], finish: &str, output_tokens: u64) -> Vec<u8> {
+    gemini_chunk(p, tokens, 0, Some(finish), output_tokens).to_string().into_bytes()
+}
+
+/// One chunk per token, the last one carrying `finishReason`; usage is cumulative.
+fn gemini_stream(p: &Parsed, tokens: &[String], finish: &str) -> Vec<u8> {
+    let mut out = String::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let last = i + 1 == tokens.len();
+        let chunk = gemini_chunk(p, std::slice::from_ref(t), i, last.then_some(finish), i as u64 + 1);
+        out.push_str(&format!("data: {chunk}\r\n\r\n"));
+    }
+    if tokens.is_empty() {
+        out.push_str(&format!("data: {}\r\n\r\n", gemini_chunk(p, &[], 0, Some(finish), 0)));
+    }
+    out.into_bytes()
 }
 
 /// Deterministic logprobs: token i has logprob -0.1·(i+1); alternatives `alt{j}` trail it.
@@ -645,6 +779,21 @@ async fn openai_handler(State(state): State<Arc<MockState>>, headers: HeaderMap,
 
 async fn anthropic_handler(State(state): State<Arc<MockState>>, headers: HeaderMap, body: Bytes) -> Response {
     handle(state, Protocol::Anthropic, headers, body).await
+}
+
+/// `POST /v1beta/models/{model}:{method}`: the path segment holds both.
+async fn gemini_handler(
+    State(state): State<Arc<MockState>>,
+    Path(call): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let protocol = match call.rsplit_once(':') {
+        Some((model, "generateContent")) => Protocol::Gemini { model: model.to_string(), stream: false },
+        Some((model, "streamGenerateContent")) => Protocol::Gemini { model: model.to_string(), stream: true },
+        _ => return error_response(404, "NOT_FOUND", &format!("unknown method in `{call}`")),
+    };
+    handle(state, protocol, headers, body).await
 }
 
 /// `GET /v1/mock/stats`: the counters as JSON (benchmarks read them before and after a run).

@@ -1,6 +1,7 @@
 //! Loading from a sharded checkpoint and from a hub id through an offline HF cache built
 //! here (no network). Environment variables are process-wide, so the hub test is the only
-//! one in this file that touches them.
+//! one in this file that touches them — and this file is its own test binary, apart from
+//! `tests/it/`, so no test of another module reads them while it sets them.
 
 use std::collections::HashMap;
 

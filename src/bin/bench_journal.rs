@@ -15,6 +15,7 @@ fn record(i: usize) -> JournalRecord {
     JournalRecord {
         id: format!("{i:064x}"),
         target: "bench".into(),
+        provider: None,
         model: "mock".into(),
         response: ChatResponse {
             text: "label-0123abcd ok".into(),

@@ -40,7 +40,12 @@ pub enum JournalError {
 pub struct JournalRecord {
     /// Content hash of the request ([`crate::providers::ChatRequest::content_id`]).
     pub id: RequestId,
+    /// The target that answered (its display name).
     pub target: String,
+    /// Its wire protocol (`openai_compatible`, …); with `model`, which teacher this answer
+    /// is from. Absent in journals written before tangle recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
     pub model: String,
     pub response: ChatResponse,
     pub cost_usd: f64,
@@ -75,9 +80,10 @@ pub struct LabelJournal {
     writer: Option<JoinHandle<()>>,
 }
 
-/// Reads a journal, returning its records and the byte offset where valid data ends.
-fn parse_journal(path: &Path, bytes: &[u8]) -> Result<(HashMap<RequestId, JournalRecord>, usize), JournalError> {
-    let mut records = HashMap::new();
+/// Reads a journal, returning its records in file order and the byte offset where valid
+/// data ends.
+fn parse_journal(path: &Path, bytes: &[u8]) -> Result<(Vec<JournalRecord>, usize), JournalError> {
+    let mut records = Vec::new();
     let mut offset = 0;
     let mut line_number = 0;
     while offset < bytes.len() {
@@ -88,7 +94,7 @@ fn parse_journal(path: &Path, bytes: &[u8]) -> Result<(HashMap<RequestId, Journa
         let line = &bytes[offset..offset + len];
         match serde_json::from_slice::<JournalRecord>(line) {
             Ok(record) => {
-                records.entry(record.id.clone()).or_insert(record);
+                records.push(record);
                 offset += len + 1;
             }
             Err(e) => {
@@ -107,6 +113,42 @@ fn parse_journal(path: &Path, bytes: &[u8]) -> Result<(HashMap<RequestId, Journa
     Ok((records, offset))
 }
 
+/// The first record of each request id: what a journal holds for one teacher.
+fn first_per_id(records: Vec<JournalRecord>) -> HashMap<RequestId, JournalRecord> {
+    let mut by_id = HashMap::new();
+    for record in records {
+        by_id.entry(record.id.clone()).or_insert(record);
+    }
+    by_id
+}
+
+/// Takes the journal's advisory lock, so two processes never append to (or repair the tail
+/// of) one journal at once; the kernel drops it when the file closes, a crash included.
+/// `Ok(false)` means another process holds it and this call waited for it.
+#[cfg(unix)]
+fn lock_exclusive(file: &File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function borrows; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let busy = std::io::Error::last_os_error();
+    if busy.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return Err(busy);
+    }
+    // SAFETY: as above.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+        Ok(false)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(unix))]
+fn lock_exclusive(_file: &File) -> std::io::Result<bool> {
+    Ok(true)
+}
+
 impl LabelJournal {
     /// Opens (creating if needed) the journal, repairs a torn tail, and starts the writer.
     pub fn open(path: &Path, durability: Durability) -> Result<(Self, JournalContents), JournalError> {
@@ -115,6 +157,9 @@ impl LabelJournal {
             std::fs::create_dir_all(parent).map_err(open_err)?;
         }
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(open_err)?;
+        if !lock_exclusive(&file).map_err(open_err)? {
+            tracing::warn!(path = %path.display(), "waited for another tangle process labeling with this journal");
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(open_err)?;
         let (records, valid_len) = parse_journal(path, &bytes)?;
@@ -131,12 +176,19 @@ impl LabelJournal {
             .map_err(open_err)?;
         Ok((
             Self { path: path.to_path_buf(), sender: Some(sender), writer: Some(writer) },
-            JournalContents { records, truncated_bytes },
+            JournalContents { records: first_per_id(records), truncated_bytes },
         ))
     }
 
-    /// Reads a journal without repairing or locking it (for reports and tests).
+    /// Reads a journal without repairing or locking it (for reports and tests): the first
+    /// record of each request.
     pub fn read(path: &Path) -> Result<HashMap<RequestId, JournalRecord>, JournalError> {
+        Ok(first_per_id(Self::read_all(path)?))
+    }
+
+    /// Every record of a journal, in the order written, without repairing or locking it. One
+    /// request may have several (answers of different teachers sharing the journal).
+    pub fn read_all(path: &Path) -> Result<Vec<JournalRecord>, JournalError> {
         let bytes = std::fs::read(path).map_err(|source| JournalError::Open { path: path.to_path_buf(), source })?;
         Ok(parse_journal(path, &bytes)?.0)
     }
@@ -230,6 +282,7 @@ mod tests {
         JournalRecord {
             id: id.into(),
             target: "t".into(),
+            provider: None,
             model: "m".into(),
             response: ChatResponse {
                 text: format!("label {id}"),

@@ -16,11 +16,10 @@
 pub mod journal;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::budget::{BudgetExceeded, BudgetTracker, Spend};
@@ -32,43 +31,7 @@ use crate::support::lock;
 
 pub use journal::{Durability, JournalContents, JournalError, JournalRecord, LabelJournal};
 
-/// Cooperative cancellation (Ctrl-C). Cloning shares the token.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<CancelInner>);
-
-#[derive(Debug, Default)]
-struct CancelInner {
-    cancelled: AtomicBool,
-    notify: Notify,
-}
-
-impl CancelToken {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn cancel(&self) {
-        self.0.cancelled.store(true, Ordering::SeqCst);
-        self.0.notify.notify_waiters();
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.cancelled.load(Ordering::SeqCst)
-    }
-
-    pub async fn cancelled(&self) {
-        loop {
-            let notified = self.0.notify.notified();
-            tokio::pin!(notified);
-            // Register before checking the flag so a cancel in between is not missed.
-            notified.as_mut().enable();
-            if self.is_cancelled() {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
+pub use crate::cancel::CancelToken;
 
 /// Live figures for a progress bar.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -299,6 +262,7 @@ pub async fn label(job: LabelJob) -> Result<LabelReport, LabelError> {
                     let record = JournalRecord {
                         id: id.clone(),
                         target: routed.target.clone(),
+                        provider: routed.attempts.last().map(|a| a.provider.to_string()),
                         model: routed.attempts.last().map(|a| a.model.clone()).unwrap_or_default(),
                         latency_ms: routed.attempts.last().map_or(0, |a| a.latency.as_millis() as u64),
                         cost_usd: routed.cost_usd,

@@ -25,6 +25,15 @@ pub enum QuantFormat {
     F32,
 }
 
+impl From<crate::spec::Quantization> for QuantFormat {
+    fn from(spec: crate::spec::Quantization) -> QuantFormat {
+        match spec {
+            crate::spec::Quantization::Q8_0 => QuantFormat::Q8_0,
+            crate::spec::Quantization::Q4K => QuantFormat::Q4K,
+        }
+    }
+}
+
 impl QuantFormat {
     /// Spec spelling.
     pub fn name(self) -> &'static str {

@@ -245,6 +245,7 @@ pub fn convert(path: &Path, out: &Path) -> Result<(), GgufError> {
     std::fs::create_dir_all(out).map_err(|e| write_error(out, &e))?;
     let file = out.join("model.safetensors");
     candle_core::safetensors::save(&weights, &file).map_err(|e| write_error(&file, &e))?;
+    crate::fsutil::set_usual_permissions(&file).map_err(|e| write_error(&file, &e))?;
     for (name, value) in [
         ("config.json", &config),
         ("tokenizer.json", &tokenizer),

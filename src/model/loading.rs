@@ -222,7 +222,10 @@ pub fn save_model_dir(
         .map_err(|e| LoadError::Write { path: out_dir.display().to_string(), message: e.to_string() })?;
     model.config().save(&out_dir.join("config.json"))?;
     let weights = model.export_weights()?;
-    candle_core::safetensors::save(&weights, out_dir.join("model.safetensors"))?;
+    let weights_file = out_dir.join("model.safetensors");
+    candle_core::safetensors::save(&weights, &weights_file)?;
+    crate::fsutil::set_usual_permissions(&weights_file)
+        .map_err(|e| LoadError::Write { path: weights_file.display().to_string(), message: e.to_string() })?;
     tokenizer.save(&out_dir.join("tokenizer.json"))?;
     let generation = match generation_config {
         Some(value) => value.clone(),

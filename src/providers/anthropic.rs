@@ -3,13 +3,10 @@
 //! Anthropic offers no logprobs: `params.logprobs` is ignored and responses carry none.
 
 use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::sse::SseParser;
 use super::{
-    classify_reqwest_error, error_snippet, redact, retry_after_from_headers, ChatRequest, ChatResponse, Provider,
-    ProviderError, Role, Usage,
+    post_json, read_json, read_sse, redact, ChatRequest, ChatResponse, DeltaSink, Provider, ProviderError, Role, Usage,
 };
 use crate::providers::config::{ProviderKind, SecretString, TargetConfig};
 
@@ -66,33 +63,16 @@ impl AnthropicProvider {
     }
 
     async fn send(&self, request: &ChatRequest, stream: bool) -> Result<reqwest::Response, ProviderError> {
-        let mut builder = self
-            .client
-            .post(&self.endpoint)
-            .header("anthropic-version", ANTHROPIC_VERSION)
-            .json(&self.body(request, stream));
+        let mut builder = self.client.post(&self.endpoint).header("anthropic-version", ANTHROPIC_VERSION);
         if let Some(key) = &self.api_key {
             builder = builder.header("x-api-key", key.expose());
         }
-        let response = builder.send().await.map_err(|e| classify_reqwest_error(&e, self.secret()))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let retry_after = retry_after_from_headers(response.headers());
-        let body = response.text().await.unwrap_or_default();
-        Err(ProviderError::Http {
-            status: status.as_u16(),
-            retry_after,
-            message: redact(&error_snippet(&body), self.secret()),
-        })
+        post_json(builder, &self.body(request, stream), self.secret()).await
     }
 
     async fn complete_once(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
         let response = self.send(request, false).await?;
-        let bytes = response.bytes().await.map_err(|e| classify_reqwest_error(&e, self.secret()))?;
-        let wire: WireResponse =
-            serde_json::from_slice(&bytes).map_err(|e| ProviderError::Malformed(format!("messages body: {e}")))?;
+        let wire: WireResponse = read_json(response, self.secret(), "messages body").await?;
         let text = wire
             .content
             .into_iter()
@@ -107,62 +87,58 @@ impl AnthropicProvider {
         })
     }
 
-    async fn complete_streaming(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
+    async fn stream(&self, request: &ChatRequest, on_delta: DeltaSink<'_>) -> Result<ChatResponse, ProviderError> {
         let response = self.send(request, true).await?;
-        let mut body = response.bytes_stream();
-        let mut parser = SseParser::new();
-        let mut text = String::new();
-        let mut usage = Usage::default();
-        let mut finish_reason = None;
-        let mut model = None;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| classify_reqwest_error(&e, self.secret()))?;
-            for event in parser.push(&chunk) {
-                let wire: WireEvent = serde_json::from_str(&event.data)
-                    .map_err(|e| ProviderError::Malformed(format!("stream event: {e}")))?;
-                match wire.kind.as_str() {
-                    "message_start" => {
-                        if let Some(message) = wire.message {
-                            model = message.model;
-                            usage.input_tokens = message.usage.input_tokens;
-                            usage.output_tokens = message.usage.output_tokens;
-                        }
+        let secret = self.secret();
+        let mut reply = ChatResponse::empty();
+        read_sse(response, secret, "stream closed before `message_stop`", |data| {
+            let wire: WireEvent =
+                serde_json::from_str(data).map_err(|e| ProviderError::Malformed(format!("stream event: {e}")))?;
+            match wire.kind.as_str() {
+                "message_start" => {
+                    if let Some(message) = wire.message {
+                        reply.model = message.model;
+                        reply.usage.input_tokens = message.usage.input_tokens;
+                        reply.usage.output_tokens = message.usage.output_tokens;
                     }
-                    "content_block_delta" => {
-                        if let Some(t) = wire.delta.and_then(|d| d.text) {
-                            text.push_str(&t);
-                        }
-                    }
-                    "message_delta" => {
-                        if let Some(reason) = wire.delta.and_then(|d| d.stop_reason) {
-                            finish_reason = Some(reason);
-                        }
-                        // message_delta usage is cumulative for output tokens.
-                        if let Some(u) = wire.usage {
-                            usage.output_tokens = u.output_tokens;
-                        }
-                    }
-                    "message_stop" => return Ok(ChatResponse { text, finish_reason, usage, model, logprobs: None }),
-                    "error" => {
-                        let error = wire.error.unwrap_or_default();
-                        // An in-stream overloaded_error is what a 529 is outside streams.
-                        let status = match error.kind.as_str() {
-                            "overloaded_error" => 529,
-                            "rate_limit_error" => 429,
-                            "api_error" => 500,
-                            _ => 400,
-                        };
-                        return Err(ProviderError::Http {
-                            status,
-                            retry_after: None,
-                            message: redact(&format!("{} in stream: {}", error.kind, error.message), self.secret()),
-                        });
-                    }
-                    _ => {} // ping, content_block_start/stop, future event types
                 }
+                "content_block_delta" => {
+                    if let Some(text) = wire.delta.and_then(|d| d.text).filter(|t| !t.is_empty()) {
+                        on_delta(&text);
+                        reply.text.push_str(&text);
+                    }
+                }
+                "message_delta" => {
+                    if let Some(reason) = wire.delta.and_then(|d| d.stop_reason) {
+                        reply.finish_reason = Some(reason);
+                    }
+                    // message_delta usage is cumulative for output tokens.
+                    if let Some(u) = wire.usage {
+                        reply.usage.output_tokens = u.output_tokens;
+                    }
+                }
+                "message_stop" => return Ok(true),
+                "error" => {
+                    let error = wire.error.unwrap_or_default();
+                    // An in-stream overloaded_error is what a 529 is outside streams.
+                    let status = match error.kind.as_str() {
+                        "overloaded_error" => 529,
+                        "rate_limit_error" => 429,
+                        "api_error" => 500,
+                        _ => 400,
+                    };
+                    return Err(ProviderError::Http {
+                        status,
+                        retry_after: None,
+                        message: redact(&format!("{} in stream: {}", error.kind, error.message), secret),
+                    });
+                }
+                _ => {} // ping, content_block_start/stop, future event types
             }
-        }
-        Err(ProviderError::Truncated("stream closed before `message_stop`".into()))
+            Ok(false)
+        })
+        .await?;
+        Ok(reply)
     }
 }
 
@@ -175,18 +151,16 @@ impl Provider for AnthropicProvider {
         &self.model
     }
 
-    fn complete<'a>(
+    fn complete_once<'a>(&'a self, request: &'a ChatRequest) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
+        Box::pin(AnthropicProvider::complete_once(self, request))
+    }
+
+    fn stream<'a>(
         &'a self,
         request: &'a ChatRequest,
-        stream: bool,
+        on_delta: DeltaSink<'a>,
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
-        Box::pin(async move {
-            if stream {
-                self.complete_streaming(request).await
-            } else {
-                self.complete_once(request).await
-            }
-        })
+        Box::pin(AnthropicProvider::stream(self, request, on_delta))
     }
 }
 

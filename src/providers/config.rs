@@ -4,75 +4,13 @@
 //! secrets is the spec parser's job; by the time a [`SecretString`] exists it holds the
 //! resolved value, and nothing in this crate ever prints or serializes it.
 
-use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// A secret (API key). `Debug`, `Display` and `Serialize` print a fixed mask, so a key can
-/// be carried inside config structs that are logged or written to reports without leaking.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretString(String);
+pub use tangle_core::secret::SecretString;
 
-impl SecretString {
-    pub const MASK: &'static str = "***";
-
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The raw value. Call this only where the secret leaves the process on purpose:
-    /// the HTTP header of a provider request.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SecretString({})", Self::MASK)
-    }
-}
-
-impl fmt::Display for SecretString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(Self::MASK)
-    }
-}
-
-impl Serialize for SecretString {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(Self::MASK)
-    }
-}
-
-impl<'de> Deserialize<'de> for SecretString {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(SecretString)
-    }
-}
-
-/// Which wire protocol a target speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    /// api.openai.com Chat Completions.
-    Openai,
-    /// Anthropic Messages API.
-    Anthropic,
-    /// Any server speaking OpenAI Chat Completions at `base_url` (vLLM, llama.cpp, Ollama).
-    OpenaiCompatible,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ProviderKind::Openai => "openai",
-            ProviderKind::Anthropic => "anthropic",
-            ProviderKind::OpenaiCompatible => "openai_compatible",
-        }
-    }
-}
+pub use tangle_core::target::ProviderKind;
 
 /// Price of a target in USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
@@ -125,6 +63,10 @@ pub struct GenerationParams {
     /// Top-K logprobs per output token, where the target offers them (OpenAI-style only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u8>,
+    /// Sampling seed, where the target offers one (OpenAI-style; Anthropic has none).
+    /// Skipped when unset, so requests without a seed keep the identity they always had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
 }
 
 fn default_timeout() -> Duration {

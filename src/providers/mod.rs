@@ -8,6 +8,7 @@
 
 pub mod anthropic;
 pub mod config;
+pub mod gemini;
 pub mod openai;
 pub mod sse;
 
@@ -21,6 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::providers::config::{GenerationParams, ProviderKind, TargetConfig};
 
 pub use anthropic::AnthropicProvider;
+pub use gemini::GeminiProvider;
 pub use openai::OpenAiProvider;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -120,6 +122,13 @@ pub struct ChatResponse {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<Vec<TokenLogprobs>>,
+}
+
+impl ChatResponse {
+    /// A reply with nothing in it yet, for a stream to fill.
+    pub fn empty() -> ChatResponse {
+        ChatResponse { text: String::new(), finish_reason: None, usage: Usage::default(), model: None, logprobs: None }
+    }
 }
 
 /// Why a provider call failed, classified for the router.
@@ -275,16 +284,93 @@ pub(crate) fn error_snippet(body: &str) -> String {
     format!("{}…", body[..end].trim())
 }
 
+/// Receives a reply's text piece by piece as a streamed exchange delivers it.
+pub type DeltaSink<'a> = &'a mut (dyn FnMut(&str) + Send);
+
 /// One wire protocol. Implementations are cheap to share (`Arc`) and safe to call
-/// concurrently; each call is exactly one HTTP exchange.
+/// concurrently; each call is exactly one HTTP exchange. Everything that reaches a provider
+/// — labeling, the proxy (its streaming relay included) and the eval stage — goes through
+/// these two calls, so a protocol's endpoint, auth, body and parsing live in its file only.
 pub trait Provider: Send + Sync {
     fn kind(&self) -> ProviderKind;
     fn model(&self) -> &str;
+
+    /// A non-streaming exchange: the whole reply in one body.
+    fn complete_once<'a>(&'a self, request: &'a ChatRequest) -> BoxFuture<'a, Result<ChatResponse, ProviderError>>;
+
+    /// A streaming exchange: each piece of text goes to `on_delta` as it arrives; the whole
+    /// reply, with the usage the stream ends with, is returned once the stream completes.
+    fn stream<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+        on_delta: DeltaSink<'a>,
+    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>>;
+
+    /// Either form; the reply is the same, only the wire differs.
     fn complete<'a>(
         &'a self,
         request: &'a ChatRequest,
         stream: bool,
-    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>>;
+    ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
+        if !stream {
+            return self.complete_once(request);
+        }
+        Box::pin(async move {
+            let mut ignore = |_: &str| {};
+            self.stream(request, &mut ignore).await
+        })
+    }
+}
+
+/// POSTs a JSON body with the provider's auth headers already on `builder`; a non-2xx
+/// status becomes [`ProviderError::Http`] with the retry hint and a redacted snippet of the
+/// body.
+pub(crate) async fn post_json(
+    builder: reqwest::RequestBuilder,
+    body: &impl Serialize,
+    secret: Option<&str>,
+) -> Result<reqwest::Response, ProviderError> {
+    let response = builder.json(body).send().await.map_err(|e| classify_reqwest_error(&e, secret))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = retry_after_from_headers(response.headers());
+    let text = response.text().await.unwrap_or_default();
+    Err(ProviderError::Http { status: status.as_u16(), retry_after, message: redact(&error_snippet(&text), secret) })
+}
+
+/// Reads a whole (non-streamed) body and parses it as `T`; `what` names it in errors.
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+    secret: Option<&str>,
+    what: &str,
+) -> Result<T, ProviderError> {
+    let bytes = response.bytes().await.map_err(|e| classify_reqwest_error(&e, secret))?;
+    serde_json::from_slice(&bytes).map_err(|e| ProviderError::Malformed(format!("{what}: {e}")))
+}
+
+/// Feeds every server-sent event's data of a streamed body to `on_event` until it returns
+/// `true` (the stream's terminating event); a body that ends first is
+/// [`ProviderError::Truncated`] with `unterminated` as the message.
+pub(crate) async fn read_sse(
+    response: reqwest::Response,
+    secret: Option<&str>,
+    unterminated: &str,
+    mut on_event: impl FnMut(&str) -> Result<bool, ProviderError>,
+) -> Result<(), ProviderError> {
+    use futures_util::StreamExt;
+    let mut body = response.bytes_stream();
+    let mut parser = sse::SseParser::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| classify_reqwest_error(&e, secret))?;
+        for event in parser.push(&chunk) {
+            if on_event(&event.data)? {
+                return Ok(());
+            }
+        }
+    }
+    Err(ProviderError::Truncated(unterminated.to_string()))
 }
 
 /// Builds the provider for a target, sharing one connection pool across targets.
@@ -294,6 +380,7 @@ pub fn build_provider(target: &TargetConfig, client: &reqwest::Client) -> Result
             Ok(Arc::new(OpenAiProvider::new(target, client.clone())?))
         }
         ProviderKind::Anthropic => Ok(Arc::new(AnthropicProvider::new(target, client.clone())?)),
+        ProviderKind::Gemini => Ok(Arc::new(GeminiProvider::new(target, client.clone())?)),
     }
 }
 

@@ -2,13 +2,11 @@
 //! OpenAI-compatible server (vLLM, llama.cpp server, Ollama's `/v1`).
 
 use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::sse::SseParser;
 use super::{
-    classify_reqwest_error, error_snippet, redact, retry_after_from_headers, ChatMessage, ChatRequest, ChatResponse,
-    Provider, ProviderError, TokenLogprobs, TopLogprob, Usage,
+    post_json, read_json, read_sse, redact, ChatMessage, ChatRequest, ChatResponse, DeltaSink, Provider, ProviderError,
+    TokenLogprobs, TopLogprob, Usage,
 };
 use crate::providers::config::{ProviderKind, SecretString, TargetConfig};
 
@@ -65,35 +63,23 @@ impl OpenAiProvider {
             stop: (!p.stop.is_empty()).then_some(&p.stop),
             logprobs: p.logprobs.map(|_| true),
             top_logprobs: p.logprobs,
+            seed: p.seed,
             stream,
             stream_options: stream.then_some(StreamOptions { include_usage: true }),
         }
     }
 
     async fn send(&self, request: &ChatRequest, stream: bool) -> Result<reqwest::Response, ProviderError> {
-        let mut builder = self.client.post(&self.endpoint).json(&self.body(request, stream));
+        let mut builder = self.client.post(&self.endpoint);
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose());
         }
-        let response = builder.send().await.map_err(|e| classify_reqwest_error(&e, self.secret()))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let retry_after = retry_after_from_headers(response.headers());
-        let body = response.text().await.unwrap_or_default();
-        Err(ProviderError::Http {
-            status: status.as_u16(),
-            retry_after,
-            message: redact(&error_snippet(&body), self.secret()),
-        })
+        post_json(builder, &self.body(request, stream), self.secret()).await
     }
 
     async fn complete_once(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
         let response = self.send(request, false).await?;
-        let bytes = response.bytes().await.map_err(|e| classify_reqwest_error(&e, self.secret()))?;
-        let wire: WireResponse = serde_json::from_slice(&bytes)
-            .map_err(|e| ProviderError::Malformed(format!("chat completion body: {e}")))?;
+        let wire: WireResponse = read_json(response, self.secret(), "chat completion body").await?;
         let choice = wire
             .choices
             .into_iter()
@@ -109,57 +95,51 @@ impl OpenAiProvider {
         })
     }
 
-    async fn complete_streaming(&self, request: &ChatRequest) -> Result<ChatResponse, ProviderError> {
+    async fn stream(&self, request: &ChatRequest, on_delta: DeltaSink<'_>) -> Result<ChatResponse, ProviderError> {
         let response = self.send(request, true).await?;
-        let mut body = response.bytes_stream();
-        let mut parser = SseParser::new();
-        let mut text = String::new();
-        let mut finish_reason = None;
+        let secret = self.secret();
+        let mut reply = ChatResponse::empty();
         let mut usage = None;
-        let mut model = None;
-        let mut logprobs: Option<Vec<TokenLogprobs>> = None;
         let mut content_chunks = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| classify_reqwest_error(&e, self.secret()))?;
-            for event in parser.push(&chunk) {
-                if event.data == "[DONE]" {
-                    // Some compatible servers ignore `stream_options`; rather than fail
-                    // (and retry forever) estimate: one token per content chunk.
-                    let usage = usage.unwrap_or_else(|| {
-                        tracing::warn!(model = %self.model, "stream had no usage chunk; estimating");
-                        Usage { input_tokens: request.estimated_input_tokens(), output_tokens: content_chunks }
-                    });
-                    return Ok(ChatResponse { text, finish_reason, usage, model, logprobs });
+        read_sse(response, secret, "stream closed before `data: [DONE]`", |data| {
+            if data.trim() == "[DONE]" {
+                // Some compatible servers ignore `stream_options`; rather than fail (and
+                // retry forever) estimate: one token per content chunk.
+                reply.usage = usage.unwrap_or_else(|| {
+                    tracing::warn!(model = %self.model, "stream had no usage chunk; estimating");
+                    Usage { input_tokens: request.estimated_input_tokens(), output_tokens: content_chunks }
+                });
+                return Ok(true);
+            }
+            let wire: WireChunk =
+                serde_json::from_str(data).map_err(|e| ProviderError::Malformed(format!("stream chunk: {e}")))?;
+            if let Some(error) = wire.error {
+                return Err(ProviderError::Transport(redact(&format!("error event in stream: {error}"), secret)));
+            }
+            if wire.model.is_some() {
+                reply.model = wire.model;
+            }
+            if let Some(u) = wire.usage {
+                usage = Some(u.into());
+            }
+            // One choice is ever requested (`n` is not sent).
+            if let Some(choice) = wire.choices.into_iter().next() {
+                if let Some(content) = choice.delta.and_then(|d| d.content).filter(|c| !c.is_empty()) {
+                    content_chunks += 1;
+                    on_delta(&content);
+                    reply.text.push_str(&content);
                 }
-                let wire: WireChunk = serde_json::from_str(&event.data)
-                    .map_err(|e| ProviderError::Malformed(format!("stream chunk: {e}")))?;
-                if let Some(error) = wire.error {
-                    return Err(ProviderError::Transport(redact(
-                        &format!("error event in stream: {error}"),
-                        self.secret(),
-                    )));
+                if choice.finish_reason.is_some() {
+                    reply.finish_reason = choice.finish_reason;
                 }
-                if wire.model.is_some() {
-                    model = wire.model;
-                }
-                if let Some(u) = wire.usage {
-                    usage = Some(u.into());
-                }
-                for choice in wire.choices {
-                    if let Some(content) = choice.delta.and_then(|d| d.content) {
-                        content_chunks += u64::from(!content.is_empty());
-                        text.push_str(&content);
-                    }
-                    if choice.finish_reason.is_some() {
-                        finish_reason = choice.finish_reason;
-                    }
-                    if let Some(tokens) = choice.logprobs.and_then(|l| l.content) {
-                        logprobs.get_or_insert_with(Vec::new).extend(convert_logprobs(tokens));
-                    }
+                if let Some(tokens) = choice.logprobs.and_then(|l| l.content) {
+                    reply.logprobs.get_or_insert_with(Vec::new).extend(convert_logprobs(tokens));
                 }
             }
-        }
-        Err(ProviderError::Truncated("stream closed before `data: [DONE]`".into()))
+            Ok(false)
+        })
+        .await?;
+        Ok(reply)
     }
 }
 
@@ -172,18 +152,16 @@ impl Provider for OpenAiProvider {
         &self.model
     }
 
-    fn complete<'a>(
+    fn complete_once<'a>(&'a self, request: &'a ChatRequest) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
+        Box::pin(OpenAiProvider::complete_once(self, request))
+    }
+
+    fn stream<'a>(
         &'a self,
         request: &'a ChatRequest,
-        stream: bool,
+        on_delta: DeltaSink<'a>,
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
-        Box::pin(async move {
-            if stream {
-                self.complete_streaming(request).await
-            } else {
-                self.complete_once(request).await
-            }
-        })
+        Box::pin(OpenAiProvider::stream(self, request, on_delta))
     }
 }
 
@@ -218,6 +196,8 @@ struct WireRequest<'a> {
     logprobs: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_logprobs: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -18,7 +18,7 @@ use crate::diagnostic::{did_you_mean, Diagnostic, Report, Span};
 use crate::providers::config::{duration_serde, Budget, ProviderKind, SecretString, TargetConfig};
 use crate::router::{BackoffPolicy, HealthPolicy, RouterPolicy};
 use crate::spec::de::{self, describe_path};
-use crate::spec::{env, yaml, SpanIndex};
+use crate::spec::{document, env, SpanIndex};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
 
@@ -208,34 +208,22 @@ pub fn load_file(file: &Path) -> Result<ProxyConfig, Report> {
 
 /// Checks config text; `file` names it in diagnostics and anchors a relative `state_dir`.
 pub fn load_source(file: &Path, source: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<ProxyConfig, Report> {
-    let normalized;
-    let source = if source.contains('\r') {
-        normalized = source.replace("\r\n", "\n").replace('\r', "\n");
-        normalized.as_str()
-    } else {
-        source
-    };
-    let (root, mut diagnostics) = match yaml::parse(source) {
-        Ok(parsed) => parsed,
-        Err(diagnostics) => return Err(Report::new(file, source, diagnostics)),
-    };
-    if !matches!(root.value, yaml::Value::Map(_)) {
+    let doc = document::read::<ConfigFile>(file, source, lookup)?;
+    if !doc.root_is_map {
         let d = Diagnostic::error("wrong-type", Span::START, "the proxy config must be a mapping of sections")
             .with_hint("start from examples/proxy/proxy.yaml: `listen:`, `routes:`, `keys:` …");
-        return Err(Report::new(file, source, vec![d]));
+        return Err(Report::new(file, &doc.source, vec![d]));
     }
-    let spans = SpanIndex::build(&root);
-    let out = de::deserialize::<ConfigFile>(&root, lookup);
-    diagnostics.extend(out.diagnostics);
-    let Some(raw) = out.value else {
-        return Err(Report::new(file, source, diagnostics));
+    let Some(raw) = doc.value else {
+        return Err(Report::new(file, &doc.source, doc.diagnostics));
     };
     let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut checker = Checker { spans: &spans, poisoned: &out.poisoned, diagnostics: Vec::new() };
+    let mut checker = Checker { spans: &doc.spans, poisoned: &doc.poisoned, diagnostics: Vec::new() };
     let config = checker.resolve(raw, file, dir);
+    let mut diagnostics = doc.diagnostics;
     diagnostics.extend(checker.diagnostics);
     if diagnostics.iter().any(Diagnostic::is_error) {
-        return Err(Report::new(file, source, diagnostics));
+        return Err(Report::new(file, &doc.source, diagnostics));
     }
     Ok(config)
 }
@@ -252,11 +240,7 @@ fn is_http_url(url: &str) -> bool {
 
 impl Checker<'_> {
     fn is_poisoned(&self, path: &str) -> bool {
-        self.poisoned.iter().any(|p| {
-            p.is_empty()
-                || path == p
-                || (path.starts_with(p.as_str()) && matches!(path.as_bytes().get(p.len()), Some(b'.' | b'[')))
-        })
+        document::is_poisoned(self.poisoned, path)
     }
 
     fn error_at(&mut self, span: Span, path: &str, code: &'static str, message: String, hint: impl Into<String>) {
@@ -510,11 +494,7 @@ impl Checker<'_> {
                 "name the upstream's model, e.g. `gpt-4o-mini`",
             );
         }
-        let var = match target.provider {
-            ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
-            ProviderKind::Openai => "OPENAI_API_KEY",
-            ProviderKind::OpenaiCompatible => "UPSTREAM_API_KEY",
-        };
+        let var = target.provider.api_key_variable();
         let key_path = format!("{path}.api_key");
         self.secret_reference(
             &key_path,

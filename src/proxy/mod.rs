@@ -329,7 +329,7 @@ fn build_live(config: ProxyConfig, board: &Arc<BreakerBoard>, client: &reqwest::
                 .map_err(|source| ProxyError::Provider { alias: route.alias.clone(), source })?;
             let name = target.display_name();
             let breaker_id = config.target_limits.contains_key(&name).then(|| format!("target:{name}"));
-            let wrapped = ProxyTarget::new(index, target.clone(), inner, client.clone(), board.clone(), breaker_id);
+            let wrapped = ProxyTarget::new(index, target.clone(), inner, board.clone(), breaker_id);
             if let Some(p) = target.pricing {
                 max_pricing.input_per_mtok = max_pricing.input_per_mtok.max(p.input_per_mtok);
                 max_pricing.output_per_mtok = max_pricing.output_per_mtok.max(p.output_per_mtok);

@@ -1,17 +1,18 @@
 //! Streaming through the shared router without splicing.
 //!
-//! The [`Provider`] trait returns whole replies, which is right for labeling and for
-//! non-streaming proxy requests. A streaming client needs each piece as it arrives, yet the
-//! same retries, failover, health and Retry-After handling. So every proxy target is a
-//! [`ProxyTarget`] wrapping the ordinary provider: when a request runs inside a [`Relay`]
-//! scope (a tokio task-local set by the proxy around `Router::send`), the wrapper streams
-//! the upstream itself and forwards each text delta to the relay; otherwise it delegates.
+//! A streaming client needs each piece of the reply as it arrives, yet the same retries,
+//! failover, health and Retry-After handling as every other call. So every proxy target is
+//! a [`ProxyTarget`] wrapping the ordinary provider: when a request runs inside a [`Relay`]
+//! scope (a tokio task-local set by the proxy around `Router::send`), the wrapper calls the
+//! provider's [`Provider::stream`] and forwards each text delta to the relay; otherwise it
+//! delegates. Endpoints, auth, bodies and SSE parsing are the providers' alone.
 //!
-//! The failover rule: the first non-empty delta *commits* the request to that attempt.
-//! Before that, any failure is an ordinary router failure (retry, fail over, cool down) and
-//! the client sees nothing. After it, a failure is sent to the client as one error event and
-//! the request ends: a later attempt would repeat or contradict text already delivered, so
-//! re-entering the wrapper after a commit parks forever and the proxy abandons the route.
+//! The relay keeps only its own rule, the failover rule: the first non-empty delta
+//! *commits* the request to that attempt. Before that, any failure is an ordinary router
+//! failure (retry, fail over, cool down) and the client sees nothing. After it, a failure is
+//! sent to the client as one error event and the request ends: a later attempt would repeat
+//! or contradict text already delivered, so re-entering the wrapper after a commit parks
+//! forever and the proxy abandons the route.
 //!
 //! Every streamed attempt, finished or not, is recorded in the relay as a router
 //! [`Attempt`] for the ledger, since an abandoned route never returns its own list.
@@ -21,20 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use futures_util::StreamExt;
-use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use super::board::BreakerBoard;
 use super::wire::ClientError;
 use crate::budget::{Reservation, Spend};
-use crate::providers::anthropic::{ANTHROPIC_VERSION, DEFAULT_MAX_TOKENS};
 use crate::providers::config::{ProviderKind, TargetConfig};
-use crate::providers::sse::SseParser;
-use crate::providers::{
-    classify_reqwest_error, error_snippet, redact, retry_after_from_headers, ChatRequest, ChatResponse, Provider,
-    ProviderError, Role, Usage,
-};
+use crate::providers::{ChatRequest, ChatResponse, DeltaSink, Provider, ProviderError, Usage};
 use crate::router::{Attempt, AttemptOutcome};
 use crate::support::{clock_now, lock};
 
@@ -109,46 +103,32 @@ pub(crate) struct ProxyTarget {
     pub(crate) config: TargetConfig,
     pub(crate) name: String,
     inner: Arc<dyn Provider>,
-    client: reqwest::Client,
-    endpoint: String,
     board: Arc<BreakerBoard>,
     breaker_id: Option<String>,
 }
 
-const OPENAI_DEFAULT_BASE: &str = "https://api.openai.com/v1";
-const ANTHROPIC_DEFAULT_BASE: &str = "https://api.anthropic.com";
+/// How the router asked a target to answer.
+enum Exchange<'a> {
+    Once,
+    Stream(DeltaSink<'a>),
+}
 
 impl ProxyTarget {
     pub(crate) fn new(
         index: usize,
         config: TargetConfig,
         inner: Arc<dyn Provider>,
-        client: reqwest::Client,
         board: Arc<BreakerBoard>,
         breaker_id: Option<String>,
     ) -> Self {
-        let endpoint = match config.provider {
-            ProviderKind::Anthropic => {
-                let base = config.base_url.as_deref().unwrap_or(ANTHROPIC_DEFAULT_BASE).trim_end_matches('/');
-                format!("{base}/v1/messages")
-            }
-            _ => {
-                let base = config.base_url.as_deref().unwrap_or(OPENAI_DEFAULT_BASE).trim_end_matches('/');
-                format!("{base}/chat/completions")
-            }
-        };
-        Self { index, name: config.display_name(), config, inner, client, endpoint, board, breaker_id }
-    }
-
-    fn secret(&self) -> Option<&str> {
-        self.config.api_key.as_ref().map(|k| k.expose())
+        Self { index, name: config.display_name(), config, inner, board, breaker_id }
     }
 
     fn cost(&self, usage: Usage) -> f64 {
         self.config.pricing.map_or(0.0, |p| p.cost_usd(usage.input_tokens, usage.output_tokens))
     }
 
-    async fn call(&self, request: &ChatRequest, stream: bool) -> Result<ChatResponse, ProviderError> {
+    async fn call(&self, request: &ChatRequest, exchange: Exchange<'_>) -> Result<ChatResponse, ProviderError> {
         let relay = RELAY.try_with(Arc::clone).ok();
         if relay.as_ref().is_some_and(|r| r.is_committed()) {
             // See the module docs: the proxy drops this route as soon as it sees the failure.
@@ -174,9 +154,10 @@ impl ProxyTarget {
             }
         };
         let started = clock_now();
-        let result = match relay {
-            Some(relay) => self.stream_through(request, relay).await,
-            None => self.inner.complete(request, stream).await,
+        let result = match (relay, exchange) {
+            (Some(relay), _) => self.stream_through(request, relay).await,
+            (None, Exchange::Once) => self.inner.complete_once(request).await,
+            (None, Exchange::Stream(on_delta)) => self.inner.stream(request, on_delta).await,
         };
         if let Ok(response) = &result {
             spend.settle(response.usage, self.cost(response.usage), started);
@@ -194,216 +175,9 @@ impl ProxyTarget {
             deltas: 0,
             finished: false,
         };
-        let result = match self.config.provider {
-            ProviderKind::Anthropic => self.stream_anthropic(request, &mut attempt).await,
-            _ => self.stream_openai(request, &mut attempt).await,
-        };
+        let result = self.inner.stream(request, &mut |text: &str| attempt.delta(text)).await;
         attempt.finish(&result);
         result
-    }
-
-    async fn send(&self, body: Value) -> Result<reqwest::Response, ProviderError> {
-        let mut builder = self.client.post(&self.endpoint).json(&body);
-        match (self.config.provider, &self.config.api_key) {
-            (ProviderKind::Anthropic, key) => {
-                builder = builder.header("anthropic-version", ANTHROPIC_VERSION);
-                if let Some(key) = key {
-                    builder = builder.header("x-api-key", key.expose());
-                }
-            }
-            (_, Some(key)) => builder = builder.bearer_auth(key.expose()),
-            (_, None) => {}
-        }
-        let response = builder.send().await.map_err(|e| classify_reqwest_error(&e, self.secret()))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(response);
-        }
-        let retry_after = retry_after_from_headers(response.headers());
-        let text = response.text().await.unwrap_or_default();
-        Err(ProviderError::Http {
-            status: status.as_u16(),
-            retry_after,
-            message: redact(&error_snippet(&text), self.secret()),
-        })
-    }
-
-    fn openai_body(&self, request: &ChatRequest) -> Value {
-        let p = &request.params;
-        let mut body = Map::new();
-        body.insert("model".into(), json!(self.config.model));
-        body.insert("messages".into(), json!(request.messages));
-        body.insert("stream".into(), json!(true));
-        body.insert("stream_options".into(), json!({"include_usage": true}));
-        if let Some(t) = p.temperature {
-            body.insert("temperature".into(), json!(t));
-        }
-        if let Some(t) = p.top_p {
-            body.insert("top_p".into(), json!(t));
-        }
-        if let Some(n) = p.max_tokens {
-            // api.openai.com deprecated `max_tokens`; compatible servers only know it.
-            let field =
-                if self.config.provider == ProviderKind::Openai { "max_completion_tokens" } else { "max_tokens" };
-            body.insert(field.into(), json!(n));
-        }
-        if !p.stop.is_empty() {
-            body.insert("stop".into(), json!(p.stop));
-        }
-        Value::Object(body)
-    }
-
-    async fn stream_openai(
-        &self,
-        request: &ChatRequest,
-        attempt: &mut StreamAttempt<'_>,
-    ) -> Result<ChatResponse, ProviderError> {
-        let response = self.send(self.openai_body(request)).await?;
-        let mut body = response.bytes_stream();
-        let mut parser = SseParser::new();
-        let mut reply = ChatResponse {
-            text: String::new(),
-            finish_reason: None,
-            usage: Usage::default(),
-            model: None,
-            logprobs: None,
-        };
-        let mut usage = None;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| classify_reqwest_error(&e, self.secret()))?;
-            for event in parser.push(&chunk) {
-                if event.data == "[DONE]" {
-                    reply.usage = usage.unwrap_or(Usage {
-                        input_tokens: request.estimated_input_tokens(),
-                        output_tokens: attempt.deltas,
-                    });
-                    return Ok(reply);
-                }
-                let value: Value = serde_json::from_str(&event.data)
-                    .map_err(|e| ProviderError::Malformed(format!("stream chunk: {e}")))?;
-                if !value["error"].is_null() {
-                    let message = format!("error event in stream: {}", value["error"]);
-                    return Err(ProviderError::Transport(redact(&message, self.secret())));
-                }
-                if let Some(model) = value["model"].as_str() {
-                    reply.model = Some(model.to_string());
-                }
-                if let (Some(i), Some(o)) =
-                    (value["usage"]["prompt_tokens"].as_u64(), value["usage"]["completion_tokens"].as_u64())
-                {
-                    usage = Some(Usage { input_tokens: i, output_tokens: o });
-                }
-                if let Some(choice) = value["choices"].get(0) {
-                    if let Some(text) = choice["delta"]["content"].as_str() {
-                        attempt.delta(text);
-                        reply.text.push_str(text);
-                    }
-                    if let Some(reason) = choice["finish_reason"].as_str() {
-                        reply.finish_reason = Some(reason.to_string());
-                    }
-                }
-            }
-        }
-        Err(ProviderError::Truncated("stream closed before `data: [DONE]`".into()))
-    }
-
-    fn anthropic_body(&self, request: &ChatRequest) -> Value {
-        let p = &request.params;
-        let system: Vec<&str> =
-            request.messages.iter().filter(|m| m.role == Role::System).map(|m| m.content.as_str()).collect();
-        let messages: Vec<Value> = request
-            .messages
-            .iter()
-            .filter(|m| m.role != Role::System)
-            .map(
-                |m| json!({"role": if m.role == Role::Assistant { "assistant" } else { "user" }, "content": m.content}),
-            )
-            .collect();
-        let mut body = Map::new();
-        body.insert("model".into(), json!(self.config.model));
-        body.insert("max_tokens".into(), json!(p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)));
-        if !system.is_empty() {
-            body.insert("system".into(), json!(system.join("\n\n")));
-        }
-        body.insert("messages".into(), Value::Array(messages));
-        body.insert("stream".into(), json!(true));
-        if let Some(t) = p.temperature {
-            body.insert("temperature".into(), json!(t));
-        }
-        if let Some(t) = p.top_p {
-            body.insert("top_p".into(), json!(t));
-        }
-        if !p.stop.is_empty() {
-            body.insert("stop_sequences".into(), json!(p.stop));
-        }
-        Value::Object(body)
-    }
-
-    async fn stream_anthropic(
-        &self,
-        request: &ChatRequest,
-        attempt: &mut StreamAttempt<'_>,
-    ) -> Result<ChatResponse, ProviderError> {
-        let response = self.send(self.anthropic_body(request)).await?;
-        let mut body = response.bytes_stream();
-        let mut parser = SseParser::new();
-        let mut reply = ChatResponse {
-            text: String::new(),
-            finish_reason: None,
-            usage: Usage::default(),
-            model: None,
-            logprobs: None,
-        };
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| classify_reqwest_error(&e, self.secret()))?;
-            for event in parser.push(&chunk) {
-                let value: Value = serde_json::from_str(&event.data)
-                    .map_err(|e| ProviderError::Malformed(format!("stream event: {e}")))?;
-                match value["type"].as_str().unwrap_or_default() {
-                    "message_start" => {
-                        let message = &value["message"];
-                        reply.model = message["model"].as_str().map(str::to_string);
-                        reply.usage.input_tokens = message["usage"]["input_tokens"].as_u64().unwrap_or(0);
-                        reply.usage.output_tokens = message["usage"]["output_tokens"].as_u64().unwrap_or(0);
-                    }
-                    "content_block_delta" => {
-                        if let Some(text) = value["delta"]["text"].as_str() {
-                            attempt.delta(text);
-                            reply.text.push_str(text);
-                        }
-                    }
-                    "message_delta" => {
-                        if let Some(reason) = value["delta"]["stop_reason"].as_str() {
-                            reply.finish_reason = Some(reason.to_string());
-                        }
-                        // Cumulative for output tokens.
-                        if let Some(n) = value["usage"]["output_tokens"].as_u64() {
-                            reply.usage.output_tokens = n;
-                        }
-                    }
-                    "message_stop" => return Ok(reply),
-                    "error" => {
-                        let kind = value["error"]["type"].as_str().unwrap_or_default();
-                        // The same mapping as the Anthropic provider: in-stream errors are
-                        // what the status codes are outside streams.
-                        let status = match kind {
-                            "overloaded_error" => 529,
-                            "rate_limit_error" => 429,
-                            "api_error" => 500,
-                            _ => 400,
-                        };
-                        let message = format!("{kind} in stream: {}", value["error"]["message"].as_str().unwrap_or(""));
-                        return Err(ProviderError::Http {
-                            status,
-                            retry_after: None,
-                            message: redact(&message, self.secret()),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        }
-        Err(ProviderError::Truncated("stream closed before `message_stop`".into()))
     }
 }
 
@@ -416,12 +190,16 @@ impl Provider for ProxyTarget {
         &self.config.model
     }
 
-    fn complete<'a>(
+    fn complete_once<'a>(&'a self, request: &'a ChatRequest) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
+        Box::pin(self.call(request, Exchange::Once))
+    }
+
+    fn stream<'a>(
         &'a self,
         request: &'a ChatRequest,
-        stream: bool,
+        on_delta: DeltaSink<'a>,
     ) -> BoxFuture<'a, Result<ChatResponse, ProviderError>> {
-        Box::pin(self.call(request, stream))
+        Box::pin(self.call(request, Exchange::Stream(on_delta)))
     }
 }
 

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::providers::config::GenerationParams;
 use crate::providers::{ChatMessage, ChatRequest, ChatResponse, Role, Usage};
-use crate::serve::protocol::{self, ChatCompletionRequest, Content, ErrorBody, Stop};
+use crate::serve::protocol::{self, ChatCompletionRequest, ErrorBody, Stop};
 
 /// An error for the client, rendered as OpenAI's `{"error": {message, type, param, code}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,25 +96,7 @@ pub fn parse_request(body: &[u8]) -> Result<ClientRequest, ClientError> {
                 ))
             }
         };
-        let content = match m.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t,
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for p in parts {
-                    match (p.kind.as_str(), p.text) {
-                        ("text", Some(t)) => text.push_str(&t),
-                        _ => {
-                            return Err(ClientError::invalid(
-                                format!("messages[{i}]: only text content parts are supported"),
-                                Some("messages"),
-                            ))
-                        }
-                    }
-                }
-                text
-            }
-        };
+        let content = m.text(i).map_err(|e| ClientError::invalid(e, Some("messages")))?;
         messages.push(ChatMessage { role, content });
     }
     if request.n.is_some_and(|n| n != 1) {
@@ -131,8 +113,14 @@ pub fn parse_request(body: &[u8]) -> Result<ClientRequest, ClientError> {
     };
     // Unset sampling parameters stay unset: providers apply their own defaults, and some
     // refuse `temperature` and `top_p` together.
-    let params =
-        GenerationParams { temperature: request.temperature, max_tokens, top_p: request.top_p, stop, logprobs: None };
+    let params = GenerationParams {
+        temperature: request.temperature,
+        max_tokens,
+        top_p: request.top_p,
+        stop,
+        logprobs: None,
+        seed: request.seed,
+    };
     Ok(ClientRequest {
         alias,
         chat: ChatRequest::new(messages, params),
@@ -141,11 +129,11 @@ pub fn parse_request(body: &[u8]) -> Result<ClientRequest, ClientError> {
     })
 }
 
-/// OpenAI's finish reasons from either protocol's.
+/// OpenAI's finish reasons from any upstream protocol's (Anthropic's, Gemini's).
 pub fn finish_reason(reason: Option<&str>) -> &str {
     match reason {
-        None | Some("end_turn") | Some("stop_sequence") => "stop",
-        Some("max_tokens") => "length",
+        None | Some("end_turn") | Some("stop_sequence") | Some("STOP") => "stop",
+        Some("max_tokens") | Some("MAX_TOKENS") => "length",
         Some("tool_use") => "tool_calls",
         Some(other) => other,
     }
@@ -244,6 +232,7 @@ pub fn parse_messages_request(body: &[u8]) -> Result<ClientRequest, ClientError>
         top_p: value["top_p"].as_f64().map(|t| t as f32),
         stop,
         logprobs: None,
+        seed: None,
     };
     Ok(ClientRequest {
         alias,
@@ -272,11 +261,11 @@ pub fn anthropic_error(e: &ClientError) -> Value {
     json!({"type": "error", "error": {"type": anthropic_error_type(e.status), "message": e.message}})
 }
 
-/// Anthropic's stop reasons from either protocol's finish reasons.
+/// Anthropic's stop reasons from any upstream protocol's finish reasons.
 pub fn stop_reason(reason: Option<&str>) -> &str {
     match reason {
-        None | Some("stop") => "end_turn",
-        Some("length") => "max_tokens",
+        None | Some("stop") | Some("STOP") => "end_turn",
+        Some("length") | Some("MAX_TOKENS") => "max_tokens",
         Some(other) => other,
     }
 }

@@ -62,6 +62,25 @@ pub struct Part {
     pub text: Option<String>,
 }
 
+impl WireMessage {
+    /// The message's text: a plain string, or its `text` parts joined. `Err` names the
+    /// message (`messages[i]`) when it holds a part of another kind (images, audio), which
+    /// tangle refuses rather than silently drop. The proxy and `tangle serve` share this.
+    pub fn text(self, index: usize) -> Result<String, String> {
+        match self.content {
+            None => Ok(String::new()),
+            Some(Content::Text(t)) => Ok(t),
+            Some(Content::Parts(parts)) => parts
+                .into_iter()
+                .map(|p| match (p.kind.as_str(), p.text) {
+                    ("text", Some(t)) => Ok(t),
+                    _ => Err(format!("messages[{index}]: only text content parts are supported")),
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub enum Stop {
@@ -109,26 +128,8 @@ impl ChatCompletionRequest {
                     "messages",
                 ));
             }
-            let content = match m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t,
-                Some(Content::Parts(parts)) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), p.text) {
-                            ("text", Some(t)) => text.push_str(&t),
-                            _ => {
-                                return Err((
-                                    format!("messages[{i}]: only text content parts are supported"),
-                                    "messages",
-                                ))
-                            }
-                        }
-                    }
-                    text
-                }
-            };
-            let role = if m.role == "developer" { "system".to_string() } else { m.role };
+            let role = if m.role == "developer" { "system".to_string() } else { m.role.clone() };
+            let content = m.text(i).map_err(|e| (e, "messages"))?;
             messages.push(Message { role, content });
         }
         let n = self.n.unwrap_or(1);

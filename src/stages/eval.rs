@@ -16,6 +16,8 @@ use crate::graph::Stage;
 use crate::launch;
 use crate::model::chat::StudentChat;
 use crate::model::loading::resolve_model_dir;
+use crate::providers::config::{GenerationParams, ProviderKind, TargetConfig};
+use crate::providers::{default_http_client, ChatMessage, ChatRequest, OpenAiProvider, Provider, ProviderError};
 use crate::report::EvalReport;
 use crate::serve::models::WeightsChoice;
 use crate::spec::{resolve_against, EvalSpec, LaunchSpec, StudentSpec};
@@ -212,10 +214,17 @@ impl EvalStage {
         let result = ctx.runtime.block_on(async {
             ctx.launch_server(&base_url, &launch).await?;
             ctx.progress.set_message(format!("generating with {label} ({weights})"));
-            let client = reqwest::Client::builder()
-                .tcp_nodelay(true)
-                .build()
-                .map_err(|e| StageError::Failed(format!("HTTP client: {e}")))?;
+            // The launched `tangle serve` is reached like any OpenAI-compatible target.
+            let mut target = TargetConfig::new(ProviderKind::OpenaiCompatible, "student");
+            target.base_url = Some(base_url.clone());
+            let student = default_http_client()
+                .and_then(|client| OpenAiProvider::new(&target, client))
+                .map_err(|e| StageError::Failed(format!("cannot reach the student: {e}")))?;
+            let params = GenerationParams {
+                temperature: Some(0.0),
+                max_tokens: Some(c.eval.max_new_tokens),
+                ..Default::default()
+            };
             let mut rows = Vec::with_capacity(examples.len());
             for example in examples {
                 if ctx.cancel.is_cancelled() {
@@ -223,18 +232,11 @@ impl EvalStage {
                 }
                 let mut messages = Vec::new();
                 if let Some(system) = system {
-                    messages.push(json!({ "role": "system", "content": system }));
+                    messages.push(ChatMessage::system(system));
                 }
-                messages.push(json!({ "role": "user", "content": prompt_of(example) }));
-                let body = json!({
-                    "model": "student",
-                    "messages": messages,
-                    "max_tokens": c.eval.max_new_tokens,
-                    "temperature": 0,
-                    "stream": true,
-                    "stream_options": { "include_usage": true },
-                });
-                let answer = ask_streaming(&client, &base_url, &body)
+                messages.push(ChatMessage::user(prompt_of(example)));
+                let request = ChatRequest::new(messages, params.clone());
+                let answer = timed_stream(&student, &request)
                     .await
                     .map_err(|e| StageError::Failed(format!("the student failed on example {}: {e}", example.id)))?;
                 rows.push(GenerationRow {
@@ -264,38 +266,20 @@ struct StreamedAnswer {
     completion_tokens: u32,
 }
 
-/// POSTs a streaming chat completion and reads it to `[DONE]`.
-async fn ask_streaming(client: &reqwest::Client, base_url: &str, body: &Value) -> Result<StreamedAnswer, String> {
-    use futures_util::StreamExt;
+/// Streams one answer, timing its first piece of text and its end.
+async fn timed_stream(provider: &dyn Provider, request: &ChatRequest) -> Result<StreamedAnswer, ProviderError> {
     let started = Instant::now();
-    let response =
-        client.post(format!("{base_url}/chat/completions")).json(body).send().await.map_err(|e| e.to_string())?;
-    let status = response.status();
-    if !status.is_success() {
-        let text = response.text().await.unwrap_or_default();
-        return Err(format!("HTTP {status}: {}", text.chars().take(300).collect::<String>()));
-    }
-    let mut parser = crate::providers::sse::SseParser::new();
-    let mut stream = response.bytes_stream();
-    let (mut text, mut ttft_ms, mut completion_tokens) = (String::new(), None, 0u32);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
-        for event in parser.push(&chunk) {
-            if event.data.trim() == "[DONE]" {
-                let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-                return Ok(StreamedAnswer { text, latency_ms, ttft_ms, completion_tokens });
-            }
-            let value: Value = serde_json::from_str(&event.data).map_err(|e| format!("bad stream chunk: {e}"))?;
-            if let Some(piece) = value["choices"][0]["delta"]["content"].as_str().filter(|p| !p.is_empty()) {
-                ttft_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1000.0);
-                text.push_str(piece);
-            }
-            if let Some(tokens) = value["usage"]["completion_tokens"].as_u64() {
-                completion_tokens = tokens.min(u64::from(u32::MAX)) as u32;
-            }
-        }
-    }
-    Err("the stream ended before `data: [DONE]`".into())
+    let mut ttft_ms = None;
+    let mut on_delta = |_: &str| {
+        ttft_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1000.0);
+    };
+    let reply = provider.stream(request, &mut on_delta).await?;
+    Ok(StreamedAnswer {
+        text: reply.text,
+        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+        ttft_ms,
+        completion_tokens: reply.usage.output_tokens.min(u64::from(u32::MAX)) as u32,
+    })
 }
 
 /// A single-quoted shell word.

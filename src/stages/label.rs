@@ -1,10 +1,13 @@
 //! The `label-train` / `label-eval` stages: the teacher answers every prompt of one side of
 //! the split, through the router, with every completed call journaled before it counts.
 //!
-//! Where paid work lives: the journal is keyed by the teacher's identity (its targets'
-//! providers and models), not by the stage's cache key, so changing the budget, the
-//! concurrency or the rate limits never throws labels away, and a request already answered
-//! (same messages and params) is never sent again.
+//! Where paid work lives: one journal per side of the split under `labels/answers/`,
+//! shared by every pipeline of the state directory. A record is keyed by the request's
+//! content (messages and params) and names the provider and model that answered, so an
+//! answer is reused whenever the same request goes to a teacher whose targets still include
+//! that model — whatever the budget, the concurrency, the rate limits, or the fallbacks
+//! added, removed or reordered around it. Journals of older tangles (`labels/<hash>/`, one
+//! per ordered target list) are read as well, never written.
 
 use super::{stage_config, StageContext, StageError, StageExecutor, StageOutcome};
 use crate::budget::Spend;
@@ -13,13 +16,12 @@ use crate::graph::Stage;
 use crate::label::{self, journal::JournalRecord, Durability, LabelJob, LabelJournal, LabelOutcome, LabelSettings};
 use crate::launch;
 use crate::ledger::Ledger;
-use crate::providers::config::{self as pc, ProviderKind, TargetConfig};
+use crate::providers::config::{self as pc, TargetConfig};
 use crate::providers::{ChatMessage, ChatRequest, RequestId, Role, TokenLogprobs};
 use crate::router::{Router, RouterPolicy};
-use crate::spec::{Provider, TeacherSpec};
+use crate::spec::TeacherSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -88,19 +90,66 @@ pub fn teacher_request(teacher: &TeacherSpec, example: &Example) -> ChatRequest 
         top_p: p.top_p.map(|t| t as f32),
         stop: p.stop.clone().unwrap_or_default(),
         logprobs: teacher.logprobs.map(|k| k.min(20) as u8),
+        seed: p.seed,
     };
     ChatRequest::new(messages, params)
 }
 
-/// The directory holding this teacher's journals: one per split side, so the two label
-/// stages never append to the same file.
-pub fn journal_dir(state_dir: &Path, teacher: &TeacherSpec) -> PathBuf {
-    let mut hasher = Sha256::new();
-    hasher.update(b"tangle-teacher-v1\n");
-    for t in &teacher.targets {
-        hasher.update(format!("{:?}\t{}\n", t.provider, t.model).as_bytes());
+/// The directory holding the journals every teacher writes: one file per split side, so
+/// the two label stages never append to the same file.
+pub fn journal_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("labels").join(ANSWERS_DIR)
+}
+
+const ANSWERS_DIR: &str = "answers";
+
+/// Where in `teacher.targets` the teacher that wrote `record` is, if it is still there. A
+/// record from before providers were journaled matches on its model alone.
+fn answering_target(teacher: &TeacherSpec, record: &JournalRecord) -> Option<usize> {
+    teacher
+        .targets
+        .iter()
+        .position(|t| t.model == record.model && record.provider.as_deref().is_none_or(|p| p == t.provider.as_str()))
+}
+
+/// Every journal file of the state directory: the shared answers and the legacy per-target
+/// list directories of older tangles.
+fn journal_files(state_dir: &Path) -> Result<Vec<PathBuf>, StageError> {
+    let root = state_dir.join("labels");
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(Vec::new()) };
+    let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    // The shared directory first: on a tie its answer wins over a legacy copy.
+    dirs.sort_by_key(|d| (d.file_name().is_none_or(|n| n != ANSWERS_DIR), d.clone()));
+    let mut files = Vec::new();
+    for dir in dirs {
+        for part in ["train", "eval"] {
+            let file = dir.join(format!("{part}.jsonl"));
+            if file.is_file() {
+                files.push(file);
+            }
+        }
     }
-    state_dir.join("labels").join(&hex::encode(hasher.finalize())[..16])
+    Ok(files)
+}
+
+/// The answers this teacher may reuse, one per request: among records from a model still
+/// in its targets, the one from the earliest target.
+fn reusable_answers(state_dir: &Path, teacher: &TeacherSpec) -> Result<HashMap<RequestId, JournalRecord>, StageError> {
+    let mut best: HashMap<RequestId, (usize, JournalRecord)> = HashMap::new();
+    for file in journal_files(state_dir)? {
+        let records = LabelJournal::read_all(&file)
+            .map_err(|e| StageError::Failed(format!("cannot read the label journal: {e}")))?;
+        for record in records {
+            let Some(rank) = answering_target(teacher, &record) else { continue };
+            match best.get(&record.id) {
+                Some((kept, _)) if *kept <= rank => {}
+                _ => {
+                    best.insert(record.id.clone(), (rank, record));
+                }
+            }
+        }
+    }
+    Ok(best.into_iter().map(|(id, (_, record))| (id, record)).collect())
 }
 
 fn target_configs(teacher: &TeacherSpec) -> Vec<TargetConfig> {
@@ -108,12 +157,7 @@ fn target_configs(teacher: &TeacherSpec) -> Vec<TargetConfig> {
         .targets
         .iter()
         .map(|t| {
-            let provider = match t.provider {
-                Provider::Anthropic => ProviderKind::Anthropic,
-                Provider::Openai => ProviderKind::Openai,
-                Provider::OpenaiCompatible => ProviderKind::OpenaiCompatible,
-            };
-            let mut c = TargetConfig::new(provider, t.model.clone());
+            let mut c = TargetConfig::new(t.provider, t.model.clone());
             c.api_key = t.api_key.clone();
             c.base_url = t.base_url.clone();
             c.timeout = Duration::from_secs_f64(teacher.timeout_s);
@@ -139,13 +183,6 @@ fn teacher_lock(dir: &Path) -> Arc<Mutex<()>> {
     Arc::clone(locks.entry(dir.to_path_buf()).or_default())
 }
 
-fn read_journal(path: &Path) -> Result<HashMap<RequestId, JournalRecord>, StageError> {
-    if !path.exists() {
-        return Ok(HashMap::new());
-    }
-    LabelJournal::read(path).map_err(|e| StageError::Failed(format!("cannot read the label journal: {e}")))
-}
-
 impl StageExecutor for LabelStage {
     fn logic_version(&self) -> u32 {
         1
@@ -162,28 +199,12 @@ impl StageExecutor for LabelStage {
         let requests: Vec<ChatRequest> = examples.iter().map(|e| teacher_request(teacher, e)).collect();
         let request_ids: Vec<RequestId> = requests.iter().map(ChatRequest::content_id).collect();
 
-        let dir = journal_dir(&ctx.state_dir, teacher);
+        let dir = journal_dir(&ctx.state_dir);
         let lock = teacher_lock(&dir);
         let _serialized = crate::support::lock(&lock);
         let journal_path = dir.join(format!("{}.jsonl", c.part));
 
-        // Spend so far on this pipeline's prompts (both sides of the split), from the journals:
-        // a re-run with the same budget stops again, a raised budget resumes.
-        let mut pipeline_ids: HashSet<RequestId> = request_ids.iter().cloned().collect();
-        let other = if c.part == "train" { "eval" } else { "train" };
-        if let Ok(other_examples) = examples_of(other) {
-            pipeline_ids.extend(other_examples.iter().map(|e| teacher_request(teacher, e).content_id()));
-        }
-        let mut already_spent = Spend::default();
-        for part in ["train", "eval"] {
-            for (id, record) in read_journal(&dir.join(format!("{part}.jsonl")))? {
-                if pipeline_ids.contains(&id) {
-                    already_spent.tokens += record.response.usage.total();
-                    already_spent.cost_usd += record.cost_usd;
-                }
-            }
-        }
-
+        // Opened (locked, its torn tail repaired) before anything is read from the journals.
         let (journal, contents) = LabelJournal::open(&journal_path, Durability::Fsync)
             .map_err(|e| StageError::Failed(format!("cannot open the label journal: {e}")))?;
         let journal = Arc::new(journal);
@@ -194,17 +215,26 @@ impl StageExecutor for LabelStage {
                 contents.truncated_bytes
             ));
         }
-        let already_done: HashSet<RequestId> = contents.records.keys().cloned().collect();
+        let reusable = reusable_answers(&ctx.state_dir, teacher)?;
+
+        // Spend so far on this pipeline's prompts (both sides of the split), from the journals:
+        // a re-run with the same budget stops again, a raised budget resumes.
+        let mut pipeline_ids: HashSet<RequestId> = request_ids.iter().cloned().collect();
+        let other = if c.part == "train" { "eval" } else { "train" };
+        if let Ok(other_examples) = examples_of(other) {
+            pipeline_ids.extend(other_examples.iter().map(|e| teacher_request(teacher, e).content_id()));
+        }
+        let mut already_spent = Spend::default();
+        for (id, record) in &reusable {
+            if pipeline_ids.contains(id) {
+                already_spent.tokens += record.response.usage.total();
+                already_spent.cost_usd += record.cost_usd;
+            }
+        }
+        let already_done: HashSet<RequestId> = reusable.keys().cloned().collect();
         let missing = request_ids.iter().filter(|id| !already_done.contains(*id)).collect::<HashSet<_>>().len();
 
-        let cancel = label::CancelToken::new();
-        let bridge = {
-            let (flag, token) = (ctx.cancel.clone(), cancel.clone());
-            ctx.runtime.spawn(async move {
-                flag.cancelled().await;
-                token.cancel();
-            })
-        };
+        let cancel = ctx.cancel.clone();
         let result = ctx.runtime.block_on(async {
             let mut launched = false;
             if missing > 0 {
@@ -253,7 +283,6 @@ impl StageExecutor for LabelStage {
             .map_err(|e| StageError::Failed(format!("labeling failed: {e}")))?;
             Ok::<_, StageError>((report, launched))
         });
-        bridge.abort();
         let (report, launched) = result?;
 
         match &report.outcome {
@@ -279,7 +308,8 @@ impl StageExecutor for LabelStage {
             }
         }
 
-        let records = read_journal(&journal_path)?;
+        drop(journal); // flushed and unlocked: every answer of this stage is on disk
+        let records = reusable_answers(&ctx.state_dir, teacher)?;
         let out = ctx.out_dir.join(LABELS_FILE);
         let mut file = std::io::BufWriter::new(
             std::fs::File::create(&out).map_err(|e| StageError::io(format!("cannot create {}", out.display()), e))?,

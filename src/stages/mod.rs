@@ -21,9 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::sync::Notify;
 
 pub trait StageExecutor: Send + Sync {
     /// Bump whenever the executor would produce different outputs for the same inputs, so
@@ -135,38 +133,8 @@ impl StageError {
     }
 }
 
-/// Cooperative cancellation shared by the runner and the stages.
-#[derive(Debug, Clone, Default)]
-pub struct CancelFlag {
-    flag: Arc<AtomicBool>,
-    notify: Arc<Notify>,
-}
-
-impl CancelFlag {
-    pub fn cancel(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    /// The flag itself, for loops that poll it (the trainer).
-    pub fn as_atomic(&self) -> &AtomicBool {
-        &self.flag
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    pub async fn cancelled(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.is_cancelled() {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
+/// Cooperative cancellation shared by the runner, the stages and labeling.
+pub use crate::cancel::CancelToken as CancelFlag;
 
 /// Which executor runs each stage kind.
 #[derive(Clone, Default)]

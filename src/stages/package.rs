@@ -112,6 +112,12 @@ impl StageExecutor for PackageStage {
         };
         let manifest =
             artifact::write_manifest(&out, lineage).map_err(|e| StageError::io("cannot write the manifest", e))?;
+        // Readable by the server that deploys it, whoever runs that: models cached by an
+        // older tangle were written 0600, and the artifact links them.
+        for rel in fsutil::list_files(&out).map_err(|e| StageError::io("cannot list the artifact", e))? {
+            fsutil::set_usual_permissions(&out.join(&rel))
+                .map_err(|e| StageError::io(format!("cannot set the permissions of {}", rel.display()), e))?;
+        }
         Ok(StageOutcome { summary: json!({ "files": manifest.files.len() }), halt: None })
     }
 }

@@ -225,7 +225,7 @@ impl StageExecutor for TrainStage {
             .map_err(failed("cannot export the model"))?;
         let quantized = match c.student.quantize {
             Some(quantization) => {
-                let format = quantization.format();
+                let format = crate::model::gguf_export::QuantFormat::from(quantization);
                 ctx.progress.set_message(format!("exporting {}", format.file_name()));
                 let name = match ctx.spec.as_ref() {
                     Some(s) => format!("{} student ({})", s.spec.name, c.student.model),

@@ -309,8 +309,11 @@ impl Builder {
             b.link(Some(split), node, "split");
             Some(node)
         };
-        let label_train = if spec.train.is_some() { label(self, "train") } else { None };
-        let label_eval = if spec.eval.is_some() { label(self, "eval") } else { None };
+        // A teacher labels what train and eval consume; with neither (label, look, then
+        // train) it labels both sides of the split, so the section is never silently ignored.
+        let labeling_only = spec.train.is_none() && spec.eval.is_none();
+        let label_train = if spec.train.is_some() || labeling_only { label(self, "train") } else { None };
+        let label_eval = if spec.eval.is_some() || labeling_only { label(self, "eval") } else { None };
 
         let train = spec.train.as_ref().map(|t| {
             let node = self.add(

@@ -108,12 +108,10 @@ impl Report {
             let _ = writeln!(out, "{file}:{line}:{col}: {severity}: {}", d.message);
             if let Some(text) = self.source.lines().nth(line as usize - 1) {
                 let gutter = " ".repeat(line.to_string().len());
-                let text = text.trim_end();
-                let pad: String =
-                    text.chars().take(col as usize - 1).map(|c| if c == '\t' { '\t' } else { ' ' }).collect();
+                let excerpt = Excerpt::around(text.trim_end(), col, len);
                 let _ = writeln!(out, "{gutter} |");
-                let _ = writeln!(out, "{line} | {text}");
-                let _ = writeln!(out, "{gutter} | {pad}{}", "^".repeat(len as usize));
+                let _ = writeln!(out, "{line} | {}", excerpt.text);
+                let _ = writeln!(out, "{gutter} | {}{}", excerpt.pad, "^".repeat(excerpt.caret));
             }
             if let Some(hint) = &d.hint {
                 let _ = writeln!(out, "  = hint: {hint}");
@@ -161,6 +159,44 @@ impl Report {
     }
 }
 
+/// Longest source line shown whole, in characters; a longer one (minified JSON, a data
+/// blob pasted into a spec) is cut to a window around the caret, so one diagnostic never
+/// prints a 100 KB line.
+const MAX_SHOWN_CHARS: usize = 120;
+/// Characters kept before the caret when a line is cut.
+const CONTEXT_BEFORE: usize = 40;
+
+/// The part of a source line a diagnostic shows, and where its caret goes.
+struct Excerpt {
+    text: String,
+    /// Whitespace up to the caret (tabs kept, so the caret lines up under them).
+    pad: String,
+    caret: usize,
+}
+
+impl Excerpt {
+    fn around(line: &str, col: u32, len: u32) -> Excerpt {
+        let chars: Vec<char> = line.chars().collect();
+        let caret_start = (col as usize - 1).min(chars.len());
+        let (start, end) = if chars.len() <= MAX_SHOWN_CHARS {
+            (0, chars.len())
+        } else {
+            let start = caret_start.saturating_sub(CONTEXT_BEFORE).min(chars.len() - MAX_SHOWN_CHARS);
+            (start, start + MAX_SHOWN_CHARS)
+        };
+        let (lead, tail) = (if start > 0 { "…" } else { "" }, if end < chars.len() { "…" } else { "" });
+        let text = format!("{lead}{}{tail}", chars[start..end].iter().collect::<String>());
+        let pad: String = lead
+            .chars()
+            .map(|_| ' ')
+            .chain(chars[start..caret_start].iter().map(|&c| if c == '\t' { '\t' } else { ' ' }))
+            .collect();
+        let caret =
+            if chars.len() <= MAX_SHOWN_CHARS { len as usize } else { (len as usize).min(end - caret_start).max(1) };
+        Excerpt { text, pad, caret }
+    }
+}
+
 fn plural(n: usize) -> &'static str {
     if n == 1 {
         ""
@@ -189,6 +225,25 @@ mod tests {
         assert_eq!(did_you_mean("epoch", keys), Some("epochs"));
         assert_eq!(did_you_mean("batchsize", keys), Some("batch_size"));
         assert_eq!(did_you_mean("temperature", keys), None);
+    }
+
+    #[test]
+    fn a_long_line_shows_a_bounded_window_around_the_caret() {
+        let long = format!("data: \"{}BAD{}\"\n", "x".repeat(50_000), "y".repeat(50_000));
+        let d = Diagnostic::error("wrong-type", Span::new(1, 50_008, 3), "bad value");
+        let text = Report::new(Path::new("p.yaml"), &long, vec![d]).render_human();
+        assert!(text.len() < 1_000, "{} bytes", text.len());
+        let lines: Vec<&str> = text.lines().collect();
+        let (shown, caret) = (lines[2], lines[3]);
+        assert!(shown.starts_with("1 | …x") && shown.ends_with("y…"), "{shown}");
+        // The caret sits under `BAD`, whatever was cut before it.
+        let at = caret.find('^').unwrap();
+        assert_eq!(shown.chars().skip(at).take(3).collect::<String>(), "BAD", "{shown}\n{caret}");
+        assert_eq!(caret.matches('^').count(), 3);
+        // Short lines are shown whole, as before.
+        let d = Diagnostic::error("wrong-type", Span::new(1, 7, 2), "bad value");
+        let text = Report::new(Path::new("p.yaml"), "data: xx\n", vec![d]).render_human();
+        assert!(text.contains("1 | data: xx\n  |       ^^\n"), "{text}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use petgraph::graph::NodeIndex;
 use petgraph::Direction;
 use std::fmt::Write as _;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// An indented tree; a stage with several inputs hangs under the last one to finish.
     Text,

@@ -1,6 +1,6 @@
 //! `tangle validate`: every mistake located and explained; messages locked by snapshots.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;
@@ -73,4 +73,24 @@ fn a_missing_file_and_bad_usage_exit_2() {
     assert_eq!(output.status.code(), Some(2));
     let output = tangle().args(["--version"]).output().unwrap();
     assert_eq!(output.status.code(), Some(0));
+}
+
+/// A section that compiles to no stage is a warning, not silence.
+#[test]
+fn a_section_that_compiles_to_no_stage_is_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("data.jsonl"), "{\"prompt\": \"hi\"}\n").unwrap();
+    let spec = dir.path().join("p.yaml");
+    std::fs::write(&spec, "name: s\nstudent: { model: Qwen/Qwen2.5-0.5B-Instruct }\ndataset: { path: data.jsonl }\n")
+        .unwrap();
+    let output = tangle().args(["validate", "--json"]).arg(&spec).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let doc: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let warnings = doc["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| w["code"] == "unused-section"
+            && w["line"] == 2
+            && w["message"].as_str().unwrap().contains("student")),
+        "{doc:#}"
+    );
 }

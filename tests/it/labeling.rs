@@ -1,8 +1,7 @@
 //! The labeling engine end to end against the mock: de-duplication, resume, budget stop
 //! and resume, cancellation, concurrency bound, ledger rows, and secrets in no output.
 
-#[path = "teacher_common/mod.rs"]
-mod common;
+use crate::teacher_common as common;
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -379,4 +378,48 @@ async fn progress_snapshots_are_monotonic_and_complete() {
     assert!((last.cost_usd - (500.0 * 1.0 + 200.0 * 2.0) / 1e6).abs() < 1e-12);
     assert!(last.requests_per_sec() > 0.0 && last.tokens_per_sec() > 0.0);
     assert_eq!(run.report.progress.done, 100);
+}
+
+/// Labeling through a Gemini teacher that fails under load (429s, 503s, resets, cut
+/// streams): every prompt is labeled once, every answer is journaled with the provider and
+/// model that gave it, and a re-run sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gemini_teacher_under_faults_labels_each_prompt_once_and_journals_who_answered() {
+    let mock = mock_with(MockConfig {
+        fault_rates: vec![
+            (Fault::RateLimited { retry_after: Some("0".into()) }, 0.1),
+            (Fault::Status(503), 0.1),
+            (Fault::ConnectionReset, 0.05),
+            (Fault::TruncatedBody, 0.05),
+        ],
+        seed: 11,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("label_train.jsonl");
+    let mut target = gemini_target(&mock, "g");
+    target.stream = true;
+    target.max_retries = 6;
+    let router = router(vec![target], fast_policy());
+    let run =
+        run_label(prompts(40), router.clone(), &journal, None, LabelSettings::new("r", "s", 8), CancelToken::new())
+            .await;
+    assert_eq!(run.report.outcome, LabelOutcome::Completed, "{:?}", run.report.failures);
+    assert_eq!(run.report.progress.done, 40);
+    let counts = mock.counts();
+    assert_eq!(counts.ok, 40, "each prompt answered once: {counts:?}");
+    assert_eq!(counts.total, 40 + run.report.progress.failed_attempts as u64, "{counts:?}");
+    assert!(run.report.progress.failed_attempts > 0, "the faults fired: {counts:?}");
+    let records = LabelJournal::read(&journal).unwrap();
+    assert_eq!(records.len(), 40);
+    for record in records.values() {
+        assert_eq!(record.provider.as_deref(), Some("gemini"));
+        assert_eq!(record.model, "g-model");
+        assert!(record.response.text.starts_with("label-"), "{record:?}");
+    }
+    let again =
+        run_label(prompts(40), router, &journal, None, LabelSettings::new("r", "s", 8), CancelToken::new()).await;
+    assert_eq!(again.report.progress.resumed, 40);
+    assert_eq!(mock.counts().total, counts.total, "a re-run sends nothing");
 }

@@ -1,7 +1,7 @@
 //! Package → deploy through the runner, and the registry: promote, rollback, concurrent
 //! promotes, tampered artifacts refused.
 
-mod common;
+use crate::common;
 
 use common::*;
 use petgraph::graph::DiGraph;

@@ -7,8 +7,7 @@
 //! target. Counts come from the mocks and the ledger, so a proxy that retries too much,
 //! splices, or forgets to meter fails here.
 
-#[path = "proxy/common.rs"]
-mod common;
+use crate::proxy_common as common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,11 +28,23 @@ async fn secondary() -> MockServer {
     .expect("mock starts")
 }
 
+/// The primary's wire protocol.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Primary {
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
 fn config(primary: &MockServer, anthropic: bool, secondary: &MockServer, primary_retries: u32) -> String {
-    let (provider, base) = if anthropic {
-        ("anthropic", primary.anthropic_base_url())
-    } else {
-        ("openai_compatible", primary.openai_base_url())
+    config_for(primary, if anthropic { Primary::Anthropic } else { Primary::OpenAi }, secondary, primary_retries)
+}
+
+fn config_for(primary: &MockServer, protocol: Primary, secondary: &MockServer, primary_retries: u32) -> String {
+    let (provider, base) = match protocol {
+        Primary::Anthropic => ("anthropic", primary.anthropic_base_url()),
+        Primary::OpenAi => ("openai_compatible", primary.openai_base_url()),
+        Primary::Gemini => ("gemini", primary.gemini_base_url()),
     };
     format!(
         "state_dir: STATE_DIR
@@ -100,9 +111,46 @@ async fn every_fault_streaming_or_not_fails_over_before_the_first_byte_and_never
 }
 
 async fn run_case(fault: &Fault, anthropic: bool, stream: bool, expect: Expect) {
-    let ctx = format!("fault={fault:?} anthropic={anthropic} stream={stream}");
+    run_case_on(fault, if anthropic { Primary::Anthropic } else { Primary::OpenAi }, stream, expect).await
+}
+
+/// A Gemini primary: the same fault matrix, the same rule (fail over before the first byte,
+/// never splice after it), with Gemini's own in-stream error (503) and cut points.
+#[tokio::test]
+async fn every_fault_on_a_gemini_primary_fails_over_before_the_first_byte_and_never_splices_after() {
+    use Expect::*;
+    let faults: Vec<(Fault, &str)> = vec![
+        (Fault::RateLimited { retry_after: Some("0".into()) }, "http_429"),
+        (Fault::ServerError, "http_500"),
+        (Fault::Overloaded, "http_529"),
+        (Fault::Status(503), "http_503"),
+        (Fault::Status(401), "http_401"),
+        (Fault::Hang, "timeout"),
+        (Fault::Slow(Duration::from_secs(3)), "timeout"),
+        (Fault::TruncatedBody, "transport"),
+        (Fault::ConnectionReset, "transport"),
+        (Fault::MalformedJson, "malformed"),
+        (Fault::OverloadedMidStream, "http_529"),
+    ];
+    let mut checked = 0;
+    for stream in [false, true] {
+        for (fault, status) in &faults {
+            let expect = match (fault, stream) {
+                // Both cut after the first of the reply's two chunks: its text has gone out.
+                (Fault::OverloadedMidStream | Fault::TruncatedBody, true) => ErrorAfterFirstByte,
+                _ => FailedOver { primary_status: status },
+            };
+            run_case_on(fault, Primary::Gemini, stream, expect).await;
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 22);
+}
+
+async fn run_case_on(fault: &Fault, protocol: Primary, stream: bool, expect: Expect) {
+    let ctx = format!("fault={fault:?} primary={protocol:?} stream={stream}");
     let (primary, backup) = (mock().await, secondary().await);
-    let proxy = TestProxy::start(&config(&primary, anthropic, &backup, 0)).await;
+    let proxy = TestProxy::start(&config_for(&primary, protocol, &backup, 0)).await;
     primary.push_faults([fault.clone()]);
     let prompt = "where is my parcel";
     let answer = chat(&proxy.url, APP_KEY, "support", prompt, stream).await;

@@ -1,7 +1,7 @@
 //! `tangle run` end to end with the real binary: exit codes, caching across processes,
 //! resuming after SIGKILL and Ctrl-C.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;
@@ -220,4 +220,103 @@ fn ctrl_c_stops_cleanly_with_130_and_the_next_run_resumes() {
     assert_eq!(code, 0);
     assert_eq!(stage(&doc, "first")["state"], "cached");
     assert_eq!(p.lines("first.log"), 1);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A spec with only a teacher and a dataset: label, look, then train.
+fn labeling_only(port: u16, targets: &str) -> String {
+    format!(
+        r#"
+name: label-only
+teacher:
+  targets:
+{targets}
+  system: "Answer with the intent only."
+  params: {{ temperature: 0, max_tokens: 8, seed: 11 }}
+  concurrency: 4
+dataset: {{ path: data.jsonl, eval_fraction: 0.25, seed: 3 }}
+"#,
+    )
+    .replace("127.0.0.1:PORT", &format!("127.0.0.1:{port}"))
+}
+
+const MOCK_TARGET: &str = r#"    - provider: openai_compatible
+      model: mock-teacher
+      base_url: "http://127.0.0.1:PORT/v1"
+      api_key: "${TANGLE_TEST_OPENAI_KEY}"
+      launch:
+        command: '"$TANGLE_EXE" mock-teacher --port "$TANGLE_PORT" --calls-log calls.log'
+        ready_timeout_s: 30"#;
+
+/// Nothing listens there: a fallback that is never needed.
+const DEAD_FALLBACK: &str = r#"    - provider: openai_compatible
+      model: backup-teacher
+      base_url: "http://127.0.0.1:9/v1"
+      api_key: "${TANGLE_TEST_OPENAI_KEY}""#;
+
+#[test]
+fn a_labeling_only_spec_labels_both_splits_and_a_change_of_fallbacks_rebuys_nothing() {
+    let port = free_port();
+    let p = Project::new(&labeling_only(port, MOCK_TARGET));
+    let (code, doc, stderr) = p.run();
+    assert_eq!(code, 0, "{stderr}");
+    let (train, eval) = (stage(&doc, "label-train"), stage(&doc, "label-eval"));
+    let labeled = |s: &Value, key: &str| s["summary"][key].as_u64().unwrap();
+    let total = labeled(train, "labels") + labeled(eval, "labels");
+    assert!(labeled(train, "labels") > 0 && labeled(eval, "labels") > 0, "{doc:#}");
+    assert_eq!(labeled(train, "labeled_now") + labeled(eval, "labeled_now"), total);
+    assert_eq!(p.lines("calls.log") as u64, total, "each prompt was bought once");
+
+    // A fallback added in front of the teacher that answered: every answer is reused.
+    p.write_spec(&labeling_only(port, &format!("{DEAD_FALLBACK}\n{MOCK_TARGET}")));
+    let (code, doc, stderr) = p.run();
+    assert_eq!(code, 0, "{stderr}");
+    for name in ["label-train", "label-eval"] {
+        let s = stage(&doc, name);
+        assert_eq!(s["state"], "done", "the targets changed, so the stage ran: {s:#}");
+        assert_eq!(labeled(s, "labeled_now"), 0, "{s:#}");
+        assert_eq!(labeled(s, "from_journal"), labeled(s, "labels"), "{s:#}");
+    }
+    assert_eq!(p.lines("calls.log") as u64, total, "a change of fallbacks bought labels again");
+    let labels = std::fs::read_to_string(p.path("runs/label-only/latest/label-train/labels.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(labels.lines().next().unwrap()).unwrap();
+    assert_eq!(first["model"], "mock-teacher", "a label names the model that answered: {first}");
+}
+
+#[test]
+fn a_spec_with_a_byte_order_mark_runs() {
+    let p = Project::new(PREP);
+    p.write_spec(&format!("\u{feff}{PREP}"));
+    let (code, _, stderr) = p.run();
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn warnings_reach_stderr_unless_rust_log_silences_them() {
+    let port = free_port();
+    let p = Project::new(&labeling_only(port, MOCK_TARGET));
+    let (code, _, stderr) = p.run();
+    assert_eq!(code, 0, "{stderr}");
+    // A crash mid-append leaves a torn line; the next run's journal repair warns through
+    // `tracing`, which must reach stderr by default.
+    let journal = p.path(".tangle/labels/answers/train.jsonl");
+    let torn = |p: &Project| {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&journal).unwrap();
+        std::io::Write::write_all(&mut f, b"{\"id\":\"torn").unwrap();
+        // A changed concurrency re-runs the label stage (its journal is reopened).
+        let spec = std::fs::read_to_string(p.path("pipeline.yaml")).unwrap();
+        let concurrency = if spec.contains("concurrency: 4") { "concurrency: 3" } else { "concurrency: 4" };
+        p.write_spec(&spec.replace("concurrency: 4", concurrency).replace("concurrency: 3", concurrency));
+    };
+    torn(&p);
+    let (code, _, stderr) = p.run();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("journal had a torn last line"), "{stderr}");
+    torn(&p);
+    let out = p.command().env("RUST_LOG", "off").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(!text(&out.stderr).contains("journal had a torn last line"), "{}", text(&out.stderr));
 }

@@ -62,14 +62,8 @@ fn default_retries() -> u32 {
     3
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Provider {
-    Anthropic,
-    Openai,
-    /// Any server speaking OpenAI chat completions: vLLM, llama.cpp, Ollama, `tangle serve`.
-    OpenaiCompatible,
-}
+/// Which wire protocol a teacher target speaks: the proxy's vocabulary too.
+pub use crate::target::ProviderKind as Provider;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -164,15 +158,6 @@ pub enum Quantization {
     Q8_0,
     #[serde(rename = "q4_k")]
     Q4K,
-}
-
-impl Quantization {
-    pub fn format(self) -> crate::model::gguf_export::QuantFormat {
-        match self {
-            Quantization::Q8_0 => crate::model::gguf_export::QuantFormat::Q8_0,
-            Quantization::Q4K => crate::model::gguf_export::QuantFormat::Q4K,
-        }
-    }
 }
 
 fn default_device() -> String {
@@ -424,4 +409,4 @@ pub struct StepSpec {
 
 /// A value that came from the environment and must never be shown (`Debug`, `Display` and
 /// `Serialize` print `***`): shared with the provider layer, which sends it.
-pub use crate::providers::config::SecretString as Secret;
+pub use crate::secret::SecretString as Secret;

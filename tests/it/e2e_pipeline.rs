@@ -3,7 +3,7 @@
 //! deploys; then a second run is all cache hits without starting the teacher; then the
 //! deployed student is served and answers like the evaluated one.
 
-mod common;
+use crate::common;
 
 use common::{tangle, text};
 use serde_json::Value;
@@ -239,6 +239,17 @@ fn label_train_eval_gate_deploy_then_all_cached_then_serve() {
     let clauses = decision["clauses"].as_array().unwrap();
     let first_clause = &clauses[0];
     assert!((first_clause["lhs"].as_f64().unwrap() - student_em).abs() < 1e-9, "{first_clause:#}");
+
+    // The deployed artifact is readable by a server running as another user (mode 0666
+    // less the umask, as `File::create` gives), not a temp file's 0600.
+    let expected_mode = 0o666 & !tangle::fsutil::process_umask();
+    let artifact_files = walk(&run_dir.join("package"));
+    assert!(artifact_files.iter().any(|f| f.ends_with("model.safetensors")), "{artifact_files:?}");
+    for file in &artifact_files {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, expected_mode, "{} has mode {mode:o}", file.display());
+    }
 
     // Unchanged re-run: every stage from cache, the teacher never started, fast.
     let started = std::time::Instant::now();

@@ -1,7 +1,7 @@
 //! `tangle diff`: significance, flips and exit codes on constructed reports; the text output
 //! is snapshot-locked.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

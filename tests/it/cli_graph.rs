@@ -1,7 +1,7 @@
 //! `tangle graph`: every shipped and example spec in all three formats, snapshot-locked; the
 //! DOT output must render with Graphviz.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::io::Write;

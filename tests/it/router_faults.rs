@@ -2,8 +2,7 @@
 //! cool-down and re-probe, Retry-After. Counts come from the mock, so a client that retries
 //! too much or too little fails these tests.
 
-#[path = "teacher_common/mod.rs"]
-mod common;
+use crate::teacher_common as common;
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -39,12 +38,13 @@ async fn each_retryable_fault_is_retried_once_then_succeeds() {
         // object is a transport error. Both retryable. (The OpenAI row is patched below.)
         (Fault::OverloadedMidStream, "http_529", "http_529"),
     ];
-    for protocol in [ProviderKind::OpenaiCompatible, ProviderKind::Anthropic] {
+    for protocol in [ProviderKind::OpenaiCompatible, ProviderKind::Anthropic, ProviderKind::Gemini] {
         for stream in [false, true] {
             for (fault, kind_plain, kind_stream) in &cases {
                 let mock = mock().await;
                 let mut t = match protocol {
                     ProviderKind::Anthropic => anthropic_target(&mock, "p"),
+                    ProviderKind::Gemini => gemini_target(&mock, "p"),
                     _ => openai_target(&mock, "p"),
                 };
                 t.stream = stream;
@@ -56,6 +56,8 @@ async fn each_retryable_fault_is_retried_once_then_succeeds() {
                 assert_eq!(routed.attempts.len(), 2, "{ctx}");
                 let expected = match (fault, protocol, stream) {
                     (Fault::OverloadedMidStream, ProviderKind::OpenaiCompatible, true) => &"transport",
+                    // Gemini's in-stream error object carries its own code (503 UNAVAILABLE).
+                    (Fault::OverloadedMidStream, ProviderKind::Gemini, true) => &"http_503",
                     (_, _, true) => kind_stream,
                     (_, _, false) => kind_plain,
                 };

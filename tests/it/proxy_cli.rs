@@ -3,8 +3,7 @@
 //! refusal), `tangle breaker list/confirm`, config reload on SIGHUP, a clean Ctrl-C, the
 //! dashboard in headless Chromium, and no secret on its stderr.
 
-#[path = "proxy/common.rs"]
-mod common;
+use crate::proxy_common as common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -42,7 +41,7 @@ fn check_reports_every_config_mistake_with_its_position_and_exit_2() {
     assert!(output.stdout.is_empty());
     assert!(stderr.starts_with("tests/proxy/invalid.yaml:"), "{stderr}");
     assert!(!stderr.contains(UPSTREAM_KEY) && !stderr.contains(APP_KEY));
-    insta::with_settings!({ snapshot_path => "proxy/snapshots", prepend_module_to_snapshot => false }, {
+    insta::with_settings!({ snapshot_path => "../proxy/snapshots", prepend_module_to_snapshot => false }, {
         insta::assert_snapshot!("proxy_check_invalid", stderr);
     });
 

@@ -5,6 +5,7 @@
 //! a position and a hint, and all of them are collected before returning.
 
 pub mod de;
+pub mod document;
 pub mod env;
 mod types;
 mod validate;
@@ -70,38 +71,24 @@ pub fn load_file(file: &Path) -> Result<LoadedSpec, Report> {
 
 /// Validates spec text; `file` names it in diagnostics and anchors relative paths.
 pub fn load_source(file: &Path, source: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<LoadedSpec, Report> {
-    // YAML breaks lines at \r, \r\n and \n; normalising first keeps the parser's line
-    // numbers and the lines shown in diagnostics in agreement.
-    let normalized;
-    let source = if source.contains('\r') {
-        normalized = source.replace("\r\n", "\n").replace('\r', "\n");
-        normalized.as_str()
-    } else {
-        source
-    };
-    let (root, mut diagnostics) = match yaml::parse(source) {
-        Ok(parsed) => parsed,
-        Err(diagnostics) => return Err(Report::new(file, source, diagnostics)),
-    };
-    let spans = SpanIndex::build(&root);
-    let out = de::deserialize::<Spec>(&root, lookup);
-    diagnostics.extend(out.diagnostics);
+    let document::Document { source, spans, value, diagnostics, poisoned, .. } =
+        document::read::<Spec>(file, source, lookup)?;
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
-    let Some(spec) = out.value else {
-        return Err(Report::new(file, source, diagnostics));
+    let Some(spec) = value else {
+        return Err(Report::new(file, &source, diagnostics));
     };
-    diagnostics.extend(validate::validate(&spec, &dir, &spans, &out.poisoned));
-    let (errors, warnings): (Vec<_>, Vec<_>) = diagnostics.into_iter().partition(Diagnostic::is_error);
+    let found = validate::validate(&spec, &dir, &spans, &poisoned);
+    let (errors, warnings): (Vec<_>, Vec<_>) = diagnostics.into_iter().chain(found).partition(Diagnostic::is_error);
     if !errors.is_empty() {
-        return Err(Report::new(file, source, errors.into_iter().chain(warnings).collect()));
+        return Err(Report::new(file, &source, errors.into_iter().chain(warnings).collect()));
     }
     Ok(LoadedSpec {
         spec,
         file: file.to_path_buf(),
         dir,
-        source: source.to_string(),
         source_hash: hex::encode(Sha256::digest(source.as_bytes())),
+        source,
         spans,
         warnings,
     })

@@ -18,6 +18,12 @@ pub fn validate(spec: &Spec, dir: &Path, spans: &SpanIndex, poisoned: &BTreeSet<
     }
     if let Some(student) = &spec.student {
         c.student(student);
+        if spec.train.is_none() && spec.eval.is_none() {
+            c.unused_section(
+                "student",
+                "only `train` and `eval` use the student: add one of them, or remove `student`",
+            );
+        }
     }
     c.dataset(&spec.dataset, dir);
     if let Some(train) = &spec.train {
@@ -45,11 +51,7 @@ struct Checker<'a> {
 impl Checker<'_> {
     /// Whether `path` holds a placeholder for a value that was already reported.
     fn is_poisoned(&self, path: &str) -> bool {
-        self.poisoned.iter().any(|p| {
-            p.is_empty()
-                || path == p
-                || (path.starts_with(p.as_str()) && matches!(path.as_bytes().get(p.len()), Some(b'.' | b'[')))
-        })
+        super::document::is_poisoned(self.poisoned, path)
     }
 
     fn push(&mut self, path: &str, diagnostic: Diagnostic) {
@@ -103,6 +105,16 @@ impl Checker<'_> {
         }
     }
 
+    /// A section that compiles to no stage: the spec is valid, but the section does nothing.
+    fn unused_section(&mut self, section: &str, hint: &str) {
+        let span = self.spans.key(section);
+        self.push(
+            section,
+            Diagnostic::warning("unused-section", span, format!("`{section}` compiles to no stage and does nothing"))
+                .with_hint(hint),
+        );
+    }
+
     fn name(&mut self, spec: &Spec) {
         let ok = !spec.name.is_empty()
             && spec.name.len() <= 64
@@ -127,6 +139,23 @@ impl Checker<'_> {
                 "list at least one target, e.g. `- { provider: openai, model: gpt-4o-mini, api_key: ${OPENAI_API_KEY} }`",
             );
         }
+        if teacher.params.seed.is_some() {
+            for (i, target) in teacher.targets.iter().enumerate() {
+                if !target.provider.accepts_seed() {
+                    let path = format!("teacher.targets[{i}].provider");
+                    let span = self.spans.value(&path);
+                    self.push(
+                        &path,
+                        Diagnostic::warning(
+                            "unsupported-param",
+                            span,
+                            "`teacher.params.seed` does not reach this target: Anthropic's Messages API has no seed",
+                        )
+                        .with_hint("its answers are unseeded; OpenAI-compatible targets receive the seed"),
+                    );
+                }
+            }
+        }
         for (i, target) in teacher.targets.iter().enumerate() {
             let path = format!("teacher.targets[{i}]");
             if target.model.trim().is_empty() {
@@ -144,7 +173,10 @@ impl Checker<'_> {
                         &key_path,
                         "secret-in-spec",
                         "an API key is written into the spec file".into(),
-                        "reference it from the environment instead, e.g. `api_key: ${OPENAI_API_KEY}`, and revoke the key you wrote",
+                        format!(
+                            "reference it from the environment instead, e.g. `api_key: ${{{}}}`, and revoke the key you wrote",
+                            target.provider.api_key_variable()
+                        ),
                     );
                 }
             }
@@ -164,12 +196,15 @@ impl Checker<'_> {
                 _ => {}
             }
             let provider_known = !self.is_poisoned(&format!("{path}.provider"));
-            if provider_known && target.api_key.is_none() && target.provider != Provider::OpenaiCompatible {
+            if provider_known && target.api_key.is_none() && target.provider.needs_api_key() {
                 self.at_key(
                     &path,
                     "missing-key",
-                    format!("the {:?} target has no `api_key`", target.provider).to_lowercase(),
-                    "add `api_key: ${ANTHROPIC_API_KEY}` (or the variable that holds your key)",
+                    format!("the {} target has no `api_key`", target.provider.as_str()),
+                    format!(
+                        "add `api_key: ${{{}}}` (or the variable that holds your key)",
+                        target.provider.api_key_variable()
+                    ),
                 );
             }
             if let Some(p) = &target.pricing {

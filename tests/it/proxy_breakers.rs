@@ -3,8 +3,7 @@
 //! pass in milliseconds), trip → alert on a test webhook → confirm/reset over the admin
 //! API, trips surviving a restart, target breakers failing over, and no secret anywhere.
 
-#[path = "proxy/common.rs"]
-mod common;
+use crate::proxy_common as common;
 
 use std::time::Duration;
 

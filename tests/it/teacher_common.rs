@@ -28,6 +28,15 @@ pub fn anthropic_target(mock: &MockServer, name: &str) -> TargetConfig {
     t
 }
 
+pub fn gemini_target(mock: &MockServer, name: &str) -> TargetConfig {
+    let mut t = TargetConfig::new(ProviderKind::Gemini, format!("{name}-model"));
+    t.base_url = Some(mock.gemini_base_url());
+    t.name = Some(name.to_string());
+    t.timeout = Duration::from_millis(500);
+    t.max_retries = 2;
+    t
+}
+
 pub fn with_key(mut t: TargetConfig, key: &str) -> TargetConfig {
     t.api_key = Some(SecretString::new(key));
     t
