@@ -32,7 +32,7 @@ if [ -n "$LITELLM_EXE" ]; then
   echo "LiteLLM: $LITELLM_EXE ($("$(dirname "$LITELLM_EXE")/python" -c 'import importlib.metadata as m; print(m.version("litellm"))' 2>/dev/null || echo '?'))" >&2
 fi
 
-nice -n 10 cargo test --release --test proxy_load --no-run >&2
+nice -n 10 cargo test --release --test it --no-run >&2
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 BENCH_N=$N BENCH_CONCURRENCY=$CONC LITELLM=$LITELLM_EXE BENCH_OUT=target/bench-proxy.json \
-  cargo test --release --test proxy_load -- --ignored --nocapture --test-threads 1
+  cargo test --release --test it -- --ignored --nocapture --test-threads 1 proxy_load::

@@ -109,6 +109,7 @@ pub enum LabelError {
 /// the engine's state lock is held: keep it quick (update a bar, don't block or await).
 pub type ProgressCallback = Arc<dyn Fn(&Progress) + Send + Sync>;
 
+#[derive(Debug)]
 pub struct LabelSettings {
     pub run_id: String,
     pub stage: String,

@@ -152,7 +152,27 @@ fn reusable_answers(state_dir: &Path, teacher: &TeacherSpec) -> Result<HashMap<R
     Ok(best.into_iter().map(|(id, (_, record))| (id, record)).collect())
 }
 
-fn target_configs(teacher: &TeacherSpec) -> Vec<TargetConfig> {
+/// How one side of the split is labeled: the calls in flight (the eval side may have its
+/// own bound, for latencies the report compares), the budget, and the output size budget
+/// reservations assume.
+pub fn label_settings(teacher: &TeacherSpec, part: &str, run_id: &str, stage: &str) -> LabelSettings {
+    let concurrency = match part {
+        "eval" => teacher.eval_concurrency.unwrap_or(teacher.concurrency),
+        _ => teacher.concurrency,
+    };
+    let mut settings = LabelSettings::new(run_id, stage, concurrency as usize);
+    if let Some(b) = &teacher.budget {
+        settings.budget = pc::Budget { max_tokens: b.max_tokens, max_cost_usd: b.max_cost_usd };
+    }
+    if let Some(m) = teacher.params.max_tokens {
+        settings.default_max_output_tokens = m;
+    }
+    settings
+}
+
+/// The router's targets for this teacher, in failover order: each spec target with the
+/// teacher-wide timeout, retries, rate limits and (unless the target has its own) pricing.
+pub fn target_configs(teacher: &TeacherSpec) -> Vec<TargetConfig> {
     teacher
         .targets
         .iter()
@@ -251,18 +271,8 @@ impl StageExecutor for LabelStage {
                 .map_err(|e| StageError::Failed(format!("teacher targets: {e}")))?;
             let ledger = Ledger::open(&ctx.state_dir.join("ledger.sqlite"))
                 .map_err(|e| StageError::Failed(format!("cannot open the token ledger: {e}")))?;
-            let concurrency = match c.part.as_str() {
-                "eval" => teacher.eval_concurrency.unwrap_or(teacher.concurrency),
-                _ => teacher.concurrency,
-            };
-            let mut settings = LabelSettings::new(&ctx.run_id, &stage.name, concurrency as usize);
-            if let Some(b) = &teacher.budget {
-                settings.budget = pc::Budget { max_tokens: b.max_tokens, max_cost_usd: b.max_cost_usd };
-            }
+            let mut settings = label_settings(teacher, &c.part, &ctx.run_id, &stage.name);
             settings.already_spent = already_spent;
-            if let Some(m) = teacher.params.max_tokens {
-                settings.default_max_output_tokens = m;
-            }
             ctx.progress.set_length(requests.len() as u64);
             ctx.progress.set_message(if missing > 0 { "labeling".to_string() } else { "all journaled".into() });
             let bar = ctx.progress.clone();

@@ -37,6 +37,7 @@ mod registry;
 mod router_faults;
 mod runner;
 mod serve;
+mod spec_reference;
 mod student_gradients;
 mod student_parity;
 mod student_training;

@@ -73,10 +73,10 @@ enum Expect {
     ErrorAfterFirstByte,
 }
 
-#[tokio::test]
-async fn every_fault_streaming_or_not_fails_over_before_the_first_byte_and_never_splices_after() {
-    use Expect::*;
-    let faults: Vec<(Fault, &str)> = vec![
+/// Each fault the mock injects, with the ledger label of the primary's failed attempt when
+/// the request fails over.
+fn fault_matrix() -> Vec<(Fault, &'static str)> {
+    vec![
         (Fault::RateLimited { retry_after: Some("0".into()) }, "http_429"),
         (Fault::ServerError, "http_500"),
         (Fault::Overloaded, "http_529"),
@@ -88,7 +88,13 @@ async fn every_fault_streaming_or_not_fails_over_before_the_first_byte_and_never
         (Fault::ConnectionReset, "transport"),
         (Fault::MalformedJson, "malformed"),
         (Fault::OverloadedMidStream, "http_529"),
-    ];
+    ]
+}
+
+#[tokio::test]
+async fn every_fault_streaming_or_not_fails_over_before_the_first_byte_and_never_splices_after() {
+    use Expect::*;
+    let faults = fault_matrix();
     let mut checked = 0;
     for anthropic in [false, true] {
         for stream in [false, true] {
@@ -119,19 +125,7 @@ async fn run_case(fault: &Fault, anthropic: bool, stream: bool, expect: Expect) 
 #[tokio::test]
 async fn every_fault_on_a_gemini_primary_fails_over_before_the_first_byte_and_never_splices_after() {
     use Expect::*;
-    let faults: Vec<(Fault, &str)> = vec![
-        (Fault::RateLimited { retry_after: Some("0".into()) }, "http_429"),
-        (Fault::ServerError, "http_500"),
-        (Fault::Overloaded, "http_529"),
-        (Fault::Status(503), "http_503"),
-        (Fault::Status(401), "http_401"),
-        (Fault::Hang, "timeout"),
-        (Fault::Slow(Duration::from_secs(3)), "timeout"),
-        (Fault::TruncatedBody, "transport"),
-        (Fault::ConnectionReset, "transport"),
-        (Fault::MalformedJson, "malformed"),
-        (Fault::OverloadedMidStream, "http_529"),
-    ];
+    let faults = fault_matrix();
     let mut checked = 0;
     for stream in [false, true] {
         for (fault, status) in &faults {

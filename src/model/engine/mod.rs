@@ -12,7 +12,7 @@
 //! Invariants:
 //! - A sequence's tokens do not depend on what else runs: greedy requests give the tokens
 //!   they would alone, seeded ones the same samples, and a prefix-cache hit the same tokens
-//!   as a miss (tests/engine.rs checks all three).
+//!   as a miss (tests/it/engine.rs checks all three).
 //! - Admission reserves prompt + `max_tokens` KV cells per sequence, so running sequences
 //!   never run out of room; the prefix cache lives in what is left and is evicted first.
 //!   Requests beyond the running bound wait in a bounded queue; beyond that, submit says
