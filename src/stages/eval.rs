@@ -8,7 +8,7 @@
 
 use super::label::{read_labels, LABELS_FILE};
 use super::package::MODEL_DIR;
-use super::train::{prompt_of, resolve_model_source, student_system};
+use super::student::{local_model_fingerprint, prompt_of, resolve_model_source, student_system};
 use super::{stage_config, FingerprintContext, StageContext, StageError, StageExecutor, StageOutcome};
 use crate::eval::aggregate::{build_report, Generation, ReportMeta, SubjectRun, TEACHER};
 use crate::eval::metrics::Scorer;
@@ -308,7 +308,7 @@ impl StageExecutor for EvalStage {
         };
         // An untrained student is read straight from `student.model`: its files are inputs.
         let model = match (&c.student, c.who.as_str()) {
-            (Some(s), STUDENT) => super::train::local_model_fingerprint(&s.model, ctx.spec_dir),
+            (Some(s), STUDENT) => local_model_fingerprint(&s.model, ctx.spec_dir),
             _ => Value::Null,
         };
         Ok(json!({ "json_schema_sha256": schema, "model": model }))

@@ -12,6 +12,7 @@ pub mod gate;
 pub mod label;
 pub mod package;
 pub mod step;
+pub mod student;
 pub mod train;
 
 use crate::graph::{Stage, StageKind};
