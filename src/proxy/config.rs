@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::breaker::{BreakerLimits, DEFAULT_IDLE_RESET, DEFAULT_MAX_CONTINUOUS};
 use crate::diagnostic::{did_you_mean, Diagnostic, Report, Span};
-use crate::providers::config::{duration_serde, Budget, ProviderKind, SecretString, TargetConfig};
+use crate::providers::config::{duration_serde, Budget, SecretString, TargetConfig};
 use crate::router::{BackoffPolicy, HealthPolicy, RouterPolicy};
 use crate::spec::de::{self, describe_path};
 use crate::spec::{document, env, SpanIndex};
@@ -504,7 +504,7 @@ impl Checker<'_> {
             ),
         );
         match (target.provider, &target.base_url) {
-            (ProviderKind::OpenaiCompatible, None) => self.at_key(
+            (provider, None) if provider.needs_base_url() => self.at_key(
                 path,
                 "missing-key",
                 "an `openai_compatible` target needs a `base_url`".into(),
@@ -518,7 +518,7 @@ impl Checker<'_> {
             ),
             _ => {}
         }
-        if target.api_key.is_none() && target.provider != ProviderKind::OpenaiCompatible {
+        if target.api_key.is_none() && target.provider.needs_api_key() {
             self.at_key(
                 path,
                 "missing-key",

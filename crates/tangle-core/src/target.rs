@@ -20,9 +20,6 @@ pub enum ProviderKind {
 }
 
 impl ProviderKind {
-    pub const ALL: [ProviderKind; 4] =
-        [ProviderKind::Anthropic, ProviderKind::Openai, ProviderKind::OpenaiCompatible, ProviderKind::Gemini];
-
     /// The spelling in spec and config files, ledger rows and journal records.
     pub fn as_str(self) -> &'static str {
         match self {

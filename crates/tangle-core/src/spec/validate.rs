@@ -181,7 +181,7 @@ impl Checker<'_> {
                 }
             }
             match (target.provider, &target.base_url) {
-                (Provider::OpenaiCompatible, None) => self.at_key(
+                (provider, None) if provider.needs_base_url() => self.at_key(
                     &path,
                     "missing-key",
                     "an `openai_compatible` target needs a `base_url`".into(),
