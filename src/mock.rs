@@ -138,8 +138,9 @@ struct MockState {
     service_micros: AtomicU64,
     faults: Mutex<BTreeMap<String, u64>>,
     prompts: Mutex<Vec<String>>,
-    /// The JSON body of every parsed call, in arrival order.
-    bodies: Mutex<Vec<Value>>,
+    /// The body of every parsed call, in arrival order, as received (shared, not copied;
+    /// parsed only when a test asks, so the benchmarks' hot path parses once).
+    bodies: Mutex<Vec<Bytes>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     /// Started on first use: only servers with a base latency need it.
     timer: std::sync::OnceLock<PreciseTimer>,
@@ -262,7 +263,7 @@ impl MockServer {
     /// The JSON body of every call that parsed, in arrival order: what a client really
     /// sent (sampling params, seed, logprobs), beyond the prompt.
     pub fn received_bodies(&self) -> Vec<Value> {
-        lock(&self.state.bodies).clone()
+        lock(&self.state.bodies).iter().map(|b| serde_json::from_slice(b).unwrap_or(Value::Null)).collect()
     }
 
     /// Stops accepting and releases hanging calls.
@@ -373,8 +374,7 @@ async fn handle(state: Arc<MockState>, protocol: Protocol, headers: HeaderMap, b
     let parsed = parse_request(&protocol, &headers, &body, &state.config);
     if let Ok(p) = &parsed {
         lock(&state.prompts).push(p.prompt_log.clone());
-        // The bytes parsed once already; an unparsable body never reaches here.
-        lock(&state.bodies).push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+        lock(&state.bodies).push(body.clone());
     }
     if !state.config.base_latency.is_zero() {
         let deadline = _in_flight.1 + state.config.base_latency;

@@ -116,7 +116,11 @@ fn answering_target(teacher: &TeacherSpec, record: &JournalRecord) -> Option<usi
 /// list directories of older tangles.
 fn journal_files(state_dir: &Path) -> Result<Vec<PathBuf>, StageError> {
     let root = state_dir.join("labels");
-    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(Vec::new()) };
+    let entries = match std::fs::read_dir(&root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StageError::io(format!("cannot list {}", root.display()), e)),
+    };
     let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
     // The shared directory first: on a tie its answer wins over a legacy copy.
     dirs.sort_by_key(|d| (d.file_name().is_none_or(|n| n != ANSWERS_DIR), d.clone()));

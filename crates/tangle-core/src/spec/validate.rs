@@ -149,9 +149,12 @@ impl Checker<'_> {
                         Diagnostic::warning(
                             "unsupported-param",
                             span,
-                            "`teacher.params.seed` does not reach this target: Anthropic's Messages API has no seed",
+                            format!(
+                                "`teacher.params.seed` does not reach this target: the {} API has no seed",
+                                target.provider.as_str()
+                            ),
                         )
-                        .with_hint("its answers are unseeded; OpenAI-compatible targets receive the seed"),
+                        .with_hint("its answers are unseeded; OpenAI-style and Gemini targets receive the seed"),
                     );
                 }
             }
