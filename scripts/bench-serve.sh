@@ -4,7 +4,9 @@
 # native CPU flags) and mistral.rs (PyPI `mistralrs`, behind scripts/mistralrs_server.py),
 # on the same GGUF files with the same 2 threads. The load is the official `openai` client
 # (scripts/bench_serve_load.py): greedy chat completions of 32 tokens with a ~30- or
-# ~170-token prompt sharing one system prompt, at concurrency 1, 8 and 32. Then the ~135M
+# ~170-token prompt sharing one system prompt, at concurrency 1, 8 and 32, all of a round's
+# requests sent at once ("burst"); and at concurrency 8 with the short prompt, clients that
+# arrive spread out and keep sending ("staggered", see bench_serve_load.py). Then the ~135M
 # f32 fixture on tangle alone. Every run's JSON line goes to $OUT/runs.jsonl; the table of
 # medians, with each figure's ratio to llama-server's from the same run, to stdout.
 #
@@ -13,6 +15,10 @@
 #   STUDENT_GGUF  default: the quickstart's exported model-q8_0.gguf (run the quickstart first)
 #   SERVERS       default "tangle llama-server mistralrs"
 #   MODELS        default "student teacher"; CONCURRENCY default "1 8 32"; PROMPTS "short long"
+#   STAGGERED_CONCURRENCY  default "8": where the staggered short-prompt load also runs
+#   MISTRALRS_RUNS  default 1: mistral.rs takes part in the first N runs only (it is 4-14x
+#                 slower than the others, so its cells would take most of the script's time)
+#   MISTRALRS_CONCURRENCY  default "1 8": the concurrencies mistral.rs runs at
 #   LLAMA_SERVER  a llama-server binary to use instead of building one
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +31,9 @@ SERVERS=${SERVERS:-"tangle llama-server mistralrs"}
 MODELS=${MODELS:-"student teacher"}
 CONCURRENCY=${CONCURRENCY:-"1 8 32"}
 PROMPTS=${PROMPTS:-"short long"}
+STAGGERED_CONCURRENCY=${STAGGERED_CONCURRENCY:-"8"}
+MISTRALRS_RUNS=${MISTRALRS_RUNS:-1}
+MISTRALRS_CONCURRENCY=${MISTRALRS_CONCURRENCY:-"1 8"}
 OUT=${OUT:-$(mktemp -d)}
 PORT=18600
 [ -f "$TEACHER" ] || { echo "no teacher GGUF at $TEACHER: run scripts/fetch-models" >&2; exit 1; }
@@ -89,6 +98,10 @@ for run in $(seq "$RUNS"); do
     gguf=$STUDENT; [ "$model" = teacher ] && gguf=$TEACHER
     for conc in $CONCURRENCY; do
       for server in $SERVERS; do
+        if [ "$server" = mistralrs ]; then
+          [ "$run" -gt "$MISTRALRS_RUNS" ] && continue
+          [[ " $MISTRALRS_CONCURRENCY " == *" $conc "* ]] || continue
+        fi
         start_server "$server" "$gguf" "$conc"
         for prompt in $PROMPTS; do
           requests=$(( conc > 4 ? conc : 4 ))
@@ -96,6 +109,11 @@ for run in $(seq "$RUNS"); do
           python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" 1 1 "$prompt" 32 900 >/dev/null
           python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" "$conc" "$requests" "$prompt" 32 $((run * 100)) \
             | sed "s/^{/{\"run\":$run,\"model\":\"$model\",\"server\":\"$server\",/" | tee -a "$OUT/runs.jsonl" >&2
+          if [ "$prompt" = short ] && [[ " $STAGGERED_CONCURRENCY " == *" $conc "* ]]; then
+            BENCH_ARRIVAL=staggered python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" "$conc" 0 short 32 \
+              $((run * 100 + 50)) \
+              | sed "s/^{/{\"run\":$run,\"model\":\"$model\",\"server\":\"$server\",/" | tee -a "$OUT/runs.jsonl" >&2
+          fi
         done
         stop_server
       done
@@ -129,20 +147,23 @@ rows = [r for r in rows if r.get("requests")]
 keys = ["tokens_per_s", "latency_p50_ms", "latency_p99_ms", "ttft_p50_ms"]
 med = {}
 for r in rows:
-    med.setdefault((r["model"], r["server"], r["prompt"], r["concurrency"]), []).append(r)
+    prompt = r["prompt"] if r.get("arrival", "burst") == "burst" else f"{r['prompt']}/{r['arrival'][:4]}"
+    med.setdefault((r["model"], r["server"], prompt, r["concurrency"]), []).append(r)
 med = {k: {m: statistics.median(x[m] for x in v) for m in keys} | {"runs": len(v)} for k, v in med.items()}
-print(f"{'model':16} {'server':12} {'prompt':6} {'conc':>4} {'tok/s':>7} {'vs llama':>8} {'p50 ms':>8} {'p99 ms':>8} "
+print(f"{'model':16} {'server':12} {'prompt':10} {'conc':>4} {'tok/s':>7} {'vs llama':>8} {'p50 ms':>8} {'p99 ms':>8} "
       f"{'TTFT p50':>9} {'runs':>4}")
 for (model, server, prompt, conc), m in sorted(med.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3], kv[0][1])):
     anchor = med.get((model, "llama-server", prompt, conc))
     ratio = f"x{m['tokens_per_s'] / anchor['tokens_per_s']:.2f}" if anchor else "-"
-    print(f"{model:16} {server:12} {prompt:6} {conc:4} {m['tokens_per_s']:7.1f} {ratio:>8} {m['latency_p50_ms']:8.0f} "
+    print(f"{model:16} {server:12} {prompt:10} {conc:4} {m['tokens_per_s']:7.1f} {ratio:>8} {m['latency_p50_ms']:8.0f} "
           f"{m['latency_p99_ms']:8.0f} {m['ttft_p50_ms']:9.0f} {m['runs']:4}")
 for model in sorted({k[0] for k in med}):
-    one = med.get((model, "tangle", "short", 1))
-    eight = med.get((model, "tangle", "short", 8))
-    if one and eight:
-        print(f"{model}: tangle conc 8 / conc 1 throughput x{eight['tokens_per_s'] / one['tokens_per_s']:.2f}, "
-              f"TTFT p50 conc 8 / conc 1 (short) x{eight['ttft_p50_ms'] / one['ttft_p50_ms']:.2f}")
+    for server in ("tangle", "llama-server"):
+        one = med.get((model, server, "short", 1))
+        for shape in ("short", "short/stag"):
+            eight = med.get((model, server, shape, 8))
+            if one and eight:
+                print(f"{model}: {server} conc 8 ({shape}) / conc 1: throughput x{eight['tokens_per_s'] / one['tokens_per_s']:.2f}, "
+                      f"TTFT p50 x{eight['ttft_p50_ms'] / one['ttft_p50_ms']:.2f}")
 PY
 echo "runs: $OUT/runs.jsonl" >&2

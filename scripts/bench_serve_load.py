@@ -12,6 +12,16 @@ Every request has the same system prompt and its own user message (so a prefix c
 reuse the system prompt and nothing more): `short` prompts are ~30 tokens in all, `long`
 ones ~170. Greedy, so every server generates the same answers from the same GGUF.
 
+Two arrival shapes (BENCH_ARRIVAL):
+- `burst` (default): REQUESTS requests sent at once, at most CONCURRENCY in flight: every
+  prompt of a round arrives in the same instant, so the last one's first token waits for
+  all their prefills.
+- `staggered`: CONCURRENCY clients, each sending BENCH_ROUNDS (default 4) requests back to
+  back, their first requests spread evenly over one unloaded request's latency (measured
+  here first), as independent users arrive. The first round (the ramp-up) is not counted:
+  figures cover rounds 2.., and throughput is their generated tokens over the span from the
+  first counted request's start to the last one's end. REQUESTS is ignored.
+
 usage: bench_serve_load.py BASE_URL CONCURRENCY REQUESTS {short|long} [MAX_TOKENS=32] [OFFSET=0]
 """
 import asyncio
@@ -84,7 +94,7 @@ async def main() -> None:
         except Exception as e:  # noqa: BLE001 - a server that fails is reported, not fatal
             failures.append(f"{type(e).__name__}: {e}")
 
-    async def attempt(i: int) -> None:
+    async def attempt(i: int, counted: bool = True) -> None:
         async with semaphore:
             start = time.perf_counter()
             first = None
@@ -107,13 +117,32 @@ async def main() -> None:
                 if chunk.usage is not None:
                     tokens = chunk.usage.completion_tokens
             end = time.perf_counter()
-            rows.append((end - start, (first or end) - start, tokens or chunks))
+            if counted:
+                rows.append((end - start, (first or end) - start, tokens or chunks, start, end))
 
-    start = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(requests)))
-    wall = time.perf_counter() - start
+    arrival = os.environ.get("BENCH_ARRIVAL", "burst")
+    if arrival == "staggered":
+        rounds = int(os.environ.get("BENCH_ROUNDS", "4"))
+        probe = time.perf_counter()
+        await attempt(offset + 10_000, counted=False)
+        spacing = (time.perf_counter() - probe) / concurrency
+
+        async def client(c: int) -> None:
+            await asyncio.sleep(c * spacing)
+            for r in range(rounds):
+                try:
+                    await attempt(offset + r * concurrency + c, counted=r > 0)
+                except Exception as e:  # noqa: BLE001 - reported, not fatal
+                    failures.append(f"{type(e).__name__}: {e}")
+
+        await asyncio.gather(*(client(c) for c in range(concurrency)))
+        wall = (max(r[4] for r in rows) - min(r[3] for r in rows)) if rows else 0.0
+    else:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(requests)))
+        wall = time.perf_counter() - start
     if not rows:
-        print(json.dumps({"concurrency": concurrency, "prompt": kind, "requests": 0, "failed": len(failures),
+        print(json.dumps({"concurrency": concurrency, "prompt": kind, "arrival": arrival, "requests": 0, "failed": len(failures),
                           "error": failures[0] if failures else None}))
         return
     latency = [r[0] * 1000 for r in rows]
@@ -122,6 +151,7 @@ async def main() -> None:
     print(json.dumps({
         "concurrency": concurrency,
         "prompt": kind,
+        "arrival": arrival,
         "requests": len(rows),
         "failed": len(failures),
         "generated_tokens": generated,

@@ -63,10 +63,20 @@ fn backend() -> Result<&'static LlamaBackend, String> {
             if std::env::var_os("TANGLE_ENGINE_LOG").is_none_or(|v| v != "1") {
                 llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
             }
-            LlamaBackend::init().map_err(|e| format!("cannot start llama.cpp: {e}"))
+            let backend = LlamaBackend::init().map_err(|e| format!("cannot start llama.cpp: {e}"))?;
+            tracing::info!("llama.cpp CPU features: {}", system_info());
+            Ok(backend)
         })
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// The CPU features llama.cpp was compiled with, as its own system-info line reports them
+/// (`AVX2 = 1 | AVX512 = 1 | ...`): what a benchmark figure was measured with.
+pub fn system_info() -> String {
+    // SAFETY: llama.cpp returns a pointer to a static, NUL-terminated buffer.
+    let info = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
+    info.to_string_lossy().trim().to_string()
 }
 
 /// A loaded GGUF, before a context is made for it.
@@ -215,5 +225,20 @@ impl Backend for LlamaSession<'_> {
 
     fn held(&self, seq: i32) -> usize {
         (self.ctx.kv_cache_seq_pos_max(seq) + 1).max(0) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// llama.cpp's AMX matmul crashes on the first forward pass on Sapphire Rapids
+    /// (ggml-org/llama.cpp#20824); `.cargo/config.toml` keeps it out of native builds. On a
+    /// machine with AMX this fails if those flags stop reaching llama.cpp's build.
+    #[test]
+    fn llama_cpp_is_built_without_its_amx_kernels() {
+        let info = system_info();
+        assert!(info.contains("CPU"), "unexpected system info: {info}");
+        assert!(!info.contains("AMX_INT8 = 1"), "llama.cpp was built with AMX (see .cargo/config.toml): {info}");
     }
 }
