@@ -127,7 +127,7 @@ async def main() -> None:
         await attempt(offset + 10_000, counted=False)
         spacing = (time.perf_counter() - probe) / concurrency
 
-        async def client(c: int) -> None:
+        async def user(c: int) -> None:
             await asyncio.sleep(c * spacing)
             for r in range(rounds):
                 try:
@@ -135,7 +135,7 @@ async def main() -> None:
                 except Exception as e:  # noqa: BLE001 - reported, not fatal
                     failures.append(f"{type(e).__name__}: {e}")
 
-        await asyncio.gather(*(client(c) for c in range(concurrency)))
+        await asyncio.gather(*(user(c) for c in range(concurrency)))
         wall = (max(r[4] for r in rows) - min(r[3] for r in rows)) if rows else 0.0
     else:
         start = time.perf_counter()
