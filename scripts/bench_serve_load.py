@@ -88,9 +88,9 @@ async def main() -> None:
 
     failures = []
 
-    async def one(i: int) -> None:
+    async def one(i: int, counted: bool = True) -> None:
         try:
-            await attempt(i)
+            await attempt(i, counted)
         except Exception as e:  # noqa: BLE001 - a server that fails is reported, not fatal
             failures.append(f"{type(e).__name__}: {e}")
 
@@ -130,10 +130,7 @@ async def main() -> None:
         async def user(c: int) -> None:
             await asyncio.sleep(c * spacing)
             for r in range(rounds):
-                try:
-                    await attempt(offset + r * concurrency + c, counted=r > 0)
-                except Exception as e:  # noqa: BLE001 - reported, not fatal
-                    failures.append(f"{type(e).__name__}: {e}")
+                await one(offset + r * concurrency + c, counted=r > 0)
 
         await asyncio.gather(*(user(c) for c in range(concurrency)))
         wall = (max(r[4] for r in rows) - min(r[3] for r in rows)) if rows else 0.0

@@ -73,7 +73,7 @@ fn backend() -> Result<&'static LlamaBackend, String> {
 
 /// The CPU features llama.cpp was compiled with, as its own system-info line reports them
 /// (`AVX2 = 1 | AVX512 = 1 | ...`): what a benchmark figure was measured with.
-pub fn system_info() -> String {
+fn system_info() -> String {
     // SAFETY: llama.cpp returns a pointer to a static, NUL-terminated buffer.
     let info = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
     info.to_string_lossy().trim().to_string()
