@@ -2,11 +2,11 @@
 //! sampling with a KV cache, text streamed as it completes. Used by the eval stage and by
 //! `tangle serve`, so both produce the same text for the same request.
 
+use super::engine::{self, text::TextStream};
 use super::loading::{load_model, FinetuneMode, LoadError, LoadedModel};
 use super::qwen::{KvCache, QwenModel};
 use super::tokenizer::{ChatTokenizer, END_OF_TEXT, IM_END, IM_START};
 use candle_core::{Device, Tensor};
-use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// Written next to an exported student: what the model was trained with and must be
@@ -211,9 +211,10 @@ impl StudentChat {
     }
 }
 
-/// The generation loop shared by every model tangle serves: `step` feeds token ids (the
-/// prompt first, then one token at a time) and returns the last position's logits. Text is
-/// streamed to `on_text` only as complete UTF-8; stop strings are cut from the text.
+/// The one-request candle generation loop, the reference the engine is checked against:
+/// `step` feeds token ids (the prompt first, then one token at a time) and returns the last
+/// position's logits. Text reaches `on_text` through the engine's [`TextStream`] (complete
+/// UTF-8 only, stop strings cut and never streamed).
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     tokenizer: &tokenizers::Tokenizer,
@@ -225,60 +226,47 @@ pub fn decode(
     on_text: &mut dyn FnMut(&str) -> bool,
     step: &mut dyn FnMut(&[u32]) -> candle_core::Result<Vec<f32>>,
 ) -> Result<Completion, DecodeError> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(sampling.seed);
-    let mut generated: Vec<u32> = Vec::new();
-    let mut emitted = 0usize;
-    let mut text = String::new();
+    let settings = engine::sampling::Sampling {
+        temperature: sampling.temperature,
+        top_p: sampling.top_p,
+        seed: Some(sampling.seed),
+    };
+    let mut sampler = engine::sampling::Sampler::new(settings, 0);
+    let detokenize = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| e.to_string());
+    let mut stream = TextStream::new(stop);
     let mut hit_limit = true;
     let mut input: Vec<u32> = prompt.to_vec();
     for _ in 0..max_new_tokens {
         let logits = step(&input)?;
-        let next = if sampling.temperature <= 0.0 {
-            argmax(&logits)
-        } else {
-            sample(&logits, sampling.temperature, sampling.top_p, &mut rng)
-        };
+        let next = sampler.pick(&logits, None);
         if stop_ids.contains(&next) {
             hit_limit = false;
             break;
         }
-        generated.push(next);
-        text = tokenizer.decode(&generated, true).map_err(|e| DecodeError::Tokenizer(e.to_string()))?;
-        if let Some(cut) = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(cut);
-            if cut > emitted {
-                on_text(&text[emitted..]);
+        let text = stream.push(next, &detokenize).map_err(DecodeError::Tokenizer)?;
+        if text.stopped {
+            if !text.piece.is_empty() {
+                on_text(&text.piece);
             }
-            emitted = text.len();
             hit_limit = false;
             break;
         }
-        // A multi-byte character split across tokens decodes to U+FFFD until complete, and a
-        // tail that could begin a stop string is held back until it is known not to.
-        let safe = text.len() - held_back(&text, stop);
-        if !text.ends_with('\u{FFFD}') && safe > emitted {
-            if !on_text(&text[emitted..safe]) {
-                hit_limit = false;
-                break;
-            }
-            emitted = safe;
+        if !text.piece.is_empty() && !on_text(&text.piece) {
+            hit_limit = false;
+            break;
         }
         input = vec![next];
     }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
+    let rest = stream.finish();
+    if !rest.is_empty() {
+        on_text(&rest);
     }
-    Ok(Completion { text, prompt_tokens: prompt.len(), completion_tokens: generated.len(), hit_limit })
-}
-
-/// Length of the longest tail of `text` that is a proper prefix of a stop string.
-fn held_back(text: &str, stop: &[String]) -> usize {
-    stop.iter()
-        .flat_map(|s| (1..s.len()).rev().filter(move |&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
-        .filter(|prefix| text.ends_with(prefix))
-        .map(str::len)
-        .max()
-        .unwrap_or(0)
+    Ok(Completion {
+        text: stream.text().to_string(),
+        prompt_tokens: prompt.len(),
+        completion_tokens: stream.tokens(),
+        hit_limit,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -296,40 +284,6 @@ impl From<DecodeError> for LoadError {
             DecodeError::Tokenizer(m) => LoadError::Tokenizer(super::tokenizer::TokenizerError::Encode(m)),
         }
     }
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best }).0
-        as u32
-}
-
-/// Samples from softmax(logits / temperature), restricted to the top-p nucleus.
-fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut impl Rng) -> u32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f32)> =
-        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / temperature).exp())).collect();
-    let total: f32 = probs.iter().map(|p| p.1).sum();
-    probs.iter_mut().for_each(|p| p.1 /= total);
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let mut kept = 0f32;
-    let mut cut = probs.len();
-    for (i, p) in probs.iter().enumerate() {
-        kept += p.1;
-        if kept >= top_p.clamp(0.0, 1.0) {
-            cut = i + 1;
-            break;
-        }
-    }
-    let nucleus = &probs[..cut];
-    let mass: f32 = nucleus.iter().map(|p| p.1).sum();
-    let mut draw = rng.random::<f32>() * mass;
-    for p in nucleus {
-        draw -= p.1;
-        if draw <= 0.0 {
-            return p.0;
-        }
-    }
-    nucleus.last().map(|p| p.0).unwrap_or(0)
 }
 
 #[cfg(test)]

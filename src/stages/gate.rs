@@ -2,12 +2,12 @@
 //! `decision.json`; a reject halts the pipeline (exit code 3).
 
 use super::{stage_config, FingerprintContext, StageContext, StageError, StageExecutor, StageOutcome};
-use crate::gate::clause::{MetricRef, Subject};
+use crate::gate::clause::{Clause, MetricRef, Subject};
 use crate::gate::{self, Decision};
 use crate::graph::Stage;
 use crate::registry::{Deployed, Registry};
 use crate::report::EvalReport;
-use crate::spec::{resolve_against, GateSpec};
+use crate::spec::resolve_against;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -19,8 +19,14 @@ pub const REPORT_MD_FILE: &str = "report.md";
 #[derive(Deserialize)]
 struct GateConfig {
     pipeline: String,
-    gate: GateSpec,
+    gate: GateClauses,
     deployed: Option<DeployedConfig>,
+}
+
+/// The spec's `gate` section with its clauses parsed (validation checked them already).
+#[derive(Deserialize)]
+struct GateClauses {
+    require: Vec<Clause>,
 }
 
 #[derive(Deserialize)]
@@ -66,12 +72,7 @@ impl StageExecutor for GateStage {
     /// cached after their own deploy.
     fn fingerprint(&self, stage: &Stage, ctx: &FingerprintContext) -> Result<Value, StageError> {
         let c: GateConfig = stage_config(stage)?;
-        let reads_registry = c.gate.require.iter().any(|text| {
-            crate::gate::clause::Clause::parse(text)
-                .map(|clause| clause.references().iter().any(|r| matches!(r.subject, Subject::Deployed(_))))
-                .unwrap_or(false)
-        });
-        if !reads_registry {
+        if !c.gate.require.iter().any(Clause::reads_deployed) {
             return Ok(Value::Null);
         }
         let version = self.deployed(&c, &c.pipeline, ctx.spec_dir, ctx.state_dir)?.map(|(_, d)| d.version);

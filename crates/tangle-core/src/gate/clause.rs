@@ -4,11 +4,19 @@
 //! reference is `metric` (the candidate student), `teacher.metric`, or `ALIAS.metric` (the
 //! version an alias of the registry points at, e.g. `production.exact_match`). Parsing is
 //! done when the spec is validated, so a typo fails before anything is paid for.
+//!
+//! Invariant: clause text becomes a [`Clause`] in one place, [`Clause::parse`]. Validation
+//! calls it for located diagnostics; everything after it (the gate stage's config, its
+//! fingerprint, [`crate::gate::evaluate`]) holds typed clauses, which serialize back to
+//! their source text so a stage config keeps the spec's shape.
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Clause {
+    /// The text the clause was parsed from, as the spec wrote it.
+    pub source: String,
     pub lhs: Expr,
     pub op: Comparison,
     pub rhs: Expr,
@@ -121,7 +129,12 @@ impl Clause {
         if let Some(t) = parser.next() {
             return Err(parser.unexpected(&t, "the end of the clause"));
         }
-        Ok(Clause { lhs, op, rhs })
+        Ok(Clause { source: text.to_string(), lhs, op, rhs })
+    }
+
+    /// Whether the clause reads a version a registry alias points at.
+    pub fn reads_deployed(&self) -> bool {
+        self.references().iter().any(|r| matches!(r.subject, Subject::Deployed(_)))
     }
 
     /// Every metric the clause reads, in order of appearance.
@@ -130,6 +143,21 @@ impl Clause {
         collect_refs(&self.lhs, &mut refs);
         collect_refs(&self.rhs, &mut refs);
         refs
+    }
+}
+
+impl Serialize for Clause {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.source)
+    }
+}
+
+impl<'de> Deserialize<'de> for Clause {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Clause::parse(&text).map_err(|e| {
+            serde::de::Error::custom(format!("cannot parse gate clause `{text}`: {}; hint: {}", e.message, e.hint))
+        })
     }
 }
 
@@ -414,6 +442,18 @@ impl ClauseParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clause_serializes_as_its_text_and_parses_back() {
+        let c = Clause::parse("exact_match >= 0.95 * production.exact_match").expect("parses");
+        assert!(c.reads_deployed());
+        let json = serde_json::to_string(&c).expect("serializes");
+        assert_eq!(json, r#""exact_match >= 0.95 * production.exact_match""#);
+        assert_eq!(serde_json::from_str::<Clause>(&json).expect("parses back"), c);
+        let err = serde_json::from_str::<Clause>(r#""exact_match => 0.9""#).expect_err("bad operator");
+        assert!(err.to_string().contains("cannot parse gate clause `exact_match => 0.9`"), "{err}");
+        assert!(!Clause::parse("exact_match >= teacher.exact_match").expect("parses").reads_deployed());
+    }
 
     #[test]
     fn parses_the_design_examples() {

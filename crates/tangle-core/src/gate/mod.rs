@@ -36,24 +36,8 @@ pub struct ClauseResult {
 /// Evaluates each clause. `lookup` answers a metric reference; `None` for a deployed
 /// alias means nothing is deployed yet, and a clause comparing with it holds (the first
 /// version has nothing to beat); `None` for anything else fails the clause.
-pub fn evaluate(clauses: &[String], lookup: &dyn Fn(&MetricRef) -> Option<f64>) -> Decision {
-    let mut results = Vec::with_capacity(clauses.len());
-    for text in clauses {
-        let result = match Clause::parse(text) {
-            Ok(clause) => evaluate_clause(text, &clause, lookup),
-            // Validation parses every clause first; this only guards hand-made inputs.
-            Err(e) => ClauseResult {
-                clause: text.clone(),
-                pass: false,
-                lhs: None,
-                op: String::new(),
-                rhs: None,
-                values: BTreeMap::new(),
-                note: Some(format!("cannot parse: {}", e.message)),
-            },
-        };
-        results.push(result);
-    }
+pub fn evaluate(clauses: &[Clause], lookup: &dyn Fn(&MetricRef) -> Option<f64>) -> Decision {
+    let results: Vec<ClauseResult> = clauses.iter().map(|clause| evaluate_clause(clause, lookup)).collect();
     let failed: Vec<&ClauseResult> = results.iter().filter(|r| !r.pass).collect();
     let reason = if failed.is_empty() {
         format!("all {} clause{} held", results.len(), if results.len() == 1 { "" } else { "s" })
@@ -63,7 +47,7 @@ pub fn evaluate(clauses: &[String], lookup: &dyn Fn(&MetricRef) -> Option<f64>) 
     Decision { schema: DECISION_SCHEMA.into(), promote: failed.is_empty(), reason, clauses: results }
 }
 
-fn evaluate_clause(text: &str, clause: &Clause, lookup: &dyn Fn(&MetricRef) -> Option<f64>) -> ClauseResult {
+fn evaluate_clause(clause: &Clause, lookup: &dyn Fn(&MetricRef) -> Option<f64>) -> ClauseResult {
     let mut values = BTreeMap::new();
     let mut missing_deployed = None;
     let mut missing = None;
@@ -77,7 +61,8 @@ fn evaluate_clause(text: &str, clause: &Clause, lookup: &dyn Fn(&MetricRef) -> O
         }
     }
     let op = clause.op.symbol().to_string();
-    let base = ClauseResult { clause: text.to_string(), pass: false, lhs: None, op, rhs: None, values, note: None };
+    let base =
+        ClauseResult { clause: clause.source.clone(), pass: false, lhs: None, op, rhs: None, values, note: None };
     if let Some(name) = missing {
         return ClauseResult { note: Some(format!("`{name}` was not measured")), ..base };
     }
@@ -130,8 +115,8 @@ mod tests {
         }
     }
 
-    fn clauses(texts: &[&str]) -> Vec<String> {
-        texts.iter().map(|s| s.to_string()).collect()
+    fn clauses(texts: &[&str]) -> Vec<Clause> {
+        texts.iter().map(|s| Clause::parse(s).expect("parses")).collect()
     }
 
     #[test]
