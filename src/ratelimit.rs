@@ -27,8 +27,8 @@ impl TokenBucket {
     /// A bucket allowing `per_minute` units per minute with a burst of 10 seconds' worth.
     /// Providers enforce per-minute limits over sub-minute windows, so a full minute of
     /// burst would trip their limiter at start-up.
-    pub fn per_minute(per_minute: u32, now: Instant) -> Self {
-        let refill_per_sec = f64::from(per_minute.max(1)) / 60.0;
+    pub fn per_minute(per_minute: u64, now: Instant) -> Self {
+        let refill_per_sec = per_minute.max(1) as f64 / 60.0;
         let capacity = (refill_per_sec * BURST_SECS).max(1.0);
         Self { capacity, refill_per_sec, level: capacity, last: now }
     }
@@ -72,7 +72,7 @@ impl RateLimiter {
     /// `None` when `limits` sets nothing: callers skip limiting entirely.
     pub fn new(limits: &RateLimits) -> Option<Self> {
         let now = clock_now();
-        let requests = limits.requests_per_min.map(|n| TokenBucket::per_minute(n, now));
+        let requests = limits.requests_per_min.map(|n| TokenBucket::per_minute(n.into(), now));
         let tokens = limits.tokens_per_min.map(|n| TokenBucket::per_minute(n, now));
         (requests.is_some() || tokens.is_some()).then(|| Self { buckets: Mutex::new((requests, tokens)) })
     }

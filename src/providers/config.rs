@@ -1,4 +1,7 @@
-//! Configuration types shared by the labeling stage and (later) the proxy.
+//! Configuration types of the LLM-access layer: a target as the router runs it and the
+//! request params that are part of a request's identity. The plain data the spec writes
+//! too (pricing, rate limits, budget, the provider kind) is tangle-core's
+//! [`tangle_core::target`], re-exported here, so there is one definition of each.
 //!
 //! These are plain serde data: no I/O, no environment lookups. `${VAR}` expansion of
 //! secrets is the spec parser's job; by the time a [`SecretString`] exists it holds the
@@ -10,42 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use tangle_core::secret::SecretString;
 
-pub use tangle_core::target::ProviderKind;
-
-/// Price of a target in USD per million tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct Pricing {
-    pub input_per_mtok: f64,
-    pub output_per_mtok: f64,
-}
-
-impl Pricing {
-    /// Cost in USD of a call with the given token counts.
-    pub fn cost_usd(&self, input_tokens: u64, output_tokens: u64) -> f64 {
-        (input_tokens as f64 * self.input_per_mtok + output_tokens as f64 * self.output_per_mtok) / 1_000_000.0
-    }
-}
-
-/// Client-side rate limits for one target; `None` means unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimits {
-    #[serde(default)]
-    pub requests_per_min: Option<u32>,
-    #[serde(default)]
-    pub tokens_per_min: Option<u32>,
-}
-
-/// Spending limits for one labeling run; `None` means unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct Budget {
-    #[serde(default)]
-    pub max_tokens: Option<u64>,
-    #[serde(default)]
-    pub max_cost_usd: Option<f64>,
-}
+pub use tangle_core::target::{Budget, Pricing, ProviderKind, RateLimits};
 
 /// Sampling parameters. Part of a request's identity: two requests with equal messages
 /// but different params are different requests.

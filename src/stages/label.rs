@@ -166,7 +166,7 @@ pub fn label_settings(teacher: &TeacherSpec, part: &str, run_id: &str, stage: &s
     };
     let mut settings = LabelSettings::new(run_id, stage, concurrency as usize);
     if let Some(b) = &teacher.budget {
-        settings.budget = pc::Budget { max_tokens: b.max_tokens, max_cost_usd: b.max_cost_usd };
+        settings.budget = *b;
     }
     if let Some(m) = teacher.params.max_tokens {
         settings.default_max_output_tokens = m;
@@ -186,14 +186,8 @@ pub fn target_configs(teacher: &TeacherSpec) -> Vec<TargetConfig> {
             c.base_url = t.base_url.clone();
             c.timeout = Duration::from_secs_f64(teacher.timeout_s);
             c.max_retries = teacher.max_retries;
-            c.pricing = t
-                .pricing
-                .or(teacher.pricing)
-                .map(|p| pc::Pricing { input_per_mtok: p.input_per_mtok, output_per_mtok: p.output_per_mtok });
-            c.rate_limits = teacher.rate_limits.as_ref().map(|r| pc::RateLimits {
-                requests_per_min: r.requests_per_min,
-                tokens_per_min: r.tokens_per_min.map(|t| t.min(u64::from(u32::MAX)) as u32),
-            });
+            c.pricing = t.pricing.or(teacher.pricing);
+            c.rate_limits = teacher.rate_limits;
             c
         })
         .collect()

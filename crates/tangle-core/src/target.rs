@@ -1,6 +1,8 @@
 //! The vocabulary of teacher and upstream targets shared by the spec (`teacher.targets`)
 //! and the proxy's config: which wire protocol a target speaks, and what each protocol
-//! needs, so both files are checked by the same rules with the same hints.
+//! needs, so both files are checked by the same rules with the same hints; and the plain
+//! data a target carries (pricing, rate limits) and a labeling run's budget, defined once
+//! for the spec, the providers and the proxy.
 
 use serde::{Deserialize, Serialize};
 
@@ -55,4 +57,41 @@ impl ProviderKind {
     pub fn accepts_seed(self) -> bool {
         self != ProviderKind::Anthropic
     }
+}
+
+/// Price of a target in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    /// USD per million input tokens.
+    pub input_per_mtok: f64,
+    /// USD per million output tokens.
+    pub output_per_mtok: f64,
+}
+
+impl Pricing {
+    /// Cost in USD of a call with the given token counts.
+    pub fn cost_usd(&self, input_tokens: u64, output_tokens: u64) -> f64 {
+        (input_tokens as f64 * self.input_per_mtok + output_tokens as f64 * self.output_per_mtok) / 1_000_000.0
+    }
+}
+
+/// Client-side rate limits for one target; `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    #[serde(default)]
+    pub requests_per_min: Option<u32>,
+    #[serde(default)]
+    pub tokens_per_min: Option<u64>,
+}
+
+/// Spending limits for one labeling run (or one proxy key); `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
 }

@@ -104,28 +104,7 @@ pub struct GenerationParams {
     pub seed: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimits {
-    pub requests_per_min: Option<u32>,
-    pub tokens_per_min: Option<u64>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Budget {
-    pub max_tokens: Option<u64>,
-    pub max_cost_usd: Option<f64>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Pricing {
-    /// USD per million input tokens.
-    pub input_per_mtok: f64,
-    /// USD per million output tokens.
-    pub output_per_mtok: f64,
-}
+pub use crate::target::{Budget, Pricing, RateLimits};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
