@@ -165,9 +165,7 @@ pub fn label_settings(teacher: &TeacherSpec, part: &str, run_id: &str, stage: &s
         _ => teacher.concurrency,
     };
     let mut settings = LabelSettings::new(run_id, stage, concurrency as usize);
-    if let Some(b) = &teacher.budget {
-        settings.budget = *b;
-    }
+    settings.budget = teacher.budget.unwrap_or_default();
     if let Some(m) = teacher.params.max_tokens {
         settings.default_max_output_tokens = m;
     }
